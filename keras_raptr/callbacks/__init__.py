@@ -1,0 +1,1 @@
+"""Callbacks of keras-raptr: schedules that drive a RandomPartModel during fit."""

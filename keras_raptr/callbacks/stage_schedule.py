@@ -1,0 +1,242 @@
+"""`StageSchedule`: the RaPTr schedule, as a callback for `model.fit`.
+
+Method card
+-----------
+What it does: RaPTr (Random Part Training) trains, at every optimizer step,
+only a random *path* through the network's residual blocks. Blocks in
+`fixed_blocks` (by default the first and the last) are always on the path;
+every other block is on it with probability `p_s` in stage `s`, so that the
+expected path length is the stage's `path_length`. Stages grow the path until
+the full network trains. Evaluation always runs the full network.
+
+When it helps: pretraining deep residual networks (transformers) under a
+compute budget. The paper trains BERT-base with `6-8-10-12` at 0.75 of the
+block compute of full training, reaching equal or better loss, and UL2-1.6B
+with 1.2x fewer FLOPs and better downstream scores.
+
+What it costs: nothing in parameters. Per step, only the path's blocks run,
+forward and backward; the optimizer still updates every weight (off-path blocks
+get zero gradients). `compute_fraction()` gives the expected block compute.
+
+How to use it: wrap the model in `keras_raptr.RandomPartModel` and pass a
+`StageSchedule` to `fit`.
+
+Paper: Panigrahi, Saunshi, Lyu, Miryoosefi, Reddi, Kale, Kumar, "Efficient
+Stagewise Pretraining via Progressive Subnetworks", ICLR 2025,
+arXiv 2402.05913.
+"""
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from keras_raptr import schedules
+from keras_raptr.schedules import Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A schedule resolved for a model with a given number of blocks."""
+
+    stages: tuple
+    fixed_blocks: tuple
+    sampling: str
+    scaling: str
+    num_blocks: int
+
+    @property
+    def key(self):
+        return dataclasses.astuple(self)
+
+    def full_from(self):
+        """The first step from which every step runs every block."""
+        start = sum(stage.steps for stage in self.stages)
+        for stage in reversed(self.stages):
+            length = schedules.sampled_path_length(stage.path_length, self.sampling)
+            if length < self.num_blocks:
+                break
+            start -= stage.steps
+        return start
+
+
+@keras.saving.register_keras_serializable(package="keras_raptr")
+class StageSchedule(keras.callbacks.Callback):
+    """Grows the random path of a `RandomPartModel` stage by stage in `fit`.
+
+    Each `Stage(path_length, steps)` lasts `steps` optimizer steps. The stage
+    of a step is read from the optimizer's step count inside the compiled
+    train step, so `fit` called again, `initial_epoch`, and a restored
+    checkpoint all continue in the right stage, and a transition happens
+    exactly at its boundary step whatever `steps_per_epoch` is. After the last
+    stage, the full network trains.
+
+    Every batch and epoch log carries `stage` (0-based; `len(stages)` after
+    the schedule) and `path_length` (the expected path length of the stage
+    the step trained in; an epoch log reports its last step's), so the
+    progress bar, `History` and TensorBoard show them.
+
+    Args:
+        stages: list of `keras_raptr.Stage`, in training order.
+        fixed_blocks: block indices that are always on the path; negative
+            indices count from the last block. Defaults to `(0, -1)`, the
+            first and the last block, as in the paper.
+        sampling: `"bernoulli"` (each block outside `fixed_blocks` is on the
+            path independently, with probability
+            `(path_length - len(fixed)) / (num_blocks - len(fixed))`, the
+            paper's definition) or `"subset"` (exactly `round(path_length)`
+            blocks each step, fixed ones included, the rest uniform without
+            replacement: a constant cost per step).
+        scaling: `"none"`, or `"inverse"` to divide the residual update of a
+            non-fixed block on the path by its keep probability during
+            training, as dropout does. Evaluation never scales.
+
+    Example:
+
+    ```python
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(6, 1000), keras_raptr.Stage(9, 1000),
+         keras_raptr.Stage(12, 1000)],
+    )
+    schedule = keras_raptr.StageSchedule.from_spec("6-8-10-12", total_steps=4000)
+    schedule.compute_fraction(12)  # 0.75
+    # model.fit(data, epochs=..., callbacks=[schedule])
+    ```
+    """
+
+    def __init__(
+        self, stages, fixed_blocks=(0, -1), sampling="bernoulli", scaling="none"
+    ):
+        super().__init__()
+        if isinstance(stages, Stage) or not hasattr(stages, "__iter__"):
+            raise ValueError(
+                f"`stages` must be a list of `keras_raptr.Stage`, got {stages!r}."
+            )
+        stages = [
+            Stage(**stage) if isinstance(stage, dict) else stage for stage in stages
+        ]
+        if not stages:
+            raise ValueError(
+                "`stages` is empty: pass at least one `keras_raptr.Stage`."
+            )
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                raise ValueError(
+                    f"`stages[{i}]` must be a `keras_raptr.Stage`, got {stage!r}."
+                )
+        if isinstance(fixed_blocks, int) or not hasattr(fixed_blocks, "__iter__"):
+            raise ValueError(
+                "`fixed_blocks` must be a tuple of block indices, got "
+                f"{fixed_blocks!r}; use e.g. (0, -1) or ()."
+            )
+        if sampling not in schedules.SAMPLING_MODES:
+            raise ValueError(
+                f"`sampling` must be one of {schedules.SAMPLING_MODES}, got "
+                f"{sampling!r}."
+            )
+        if scaling not in schedules.SCALING_MODES:
+            raise ValueError(
+                f"`scaling` must be one of {schedules.SCALING_MODES}, got "
+                f"{scaling!r}."
+            )
+        self.stages = tuple(stages)
+        self.fixed_blocks = tuple(fixed_blocks)
+        self.sampling = sampling
+        self.scaling = scaling
+        self._epoch_start_step = 0
+        self._full_from = None
+
+    @classmethod
+    def from_spec(cls, spec, total_steps, **kwargs):
+        """A schedule in the paper's notation, with equal stage lengths.
+
+        `StageSchedule.from_spec("6-8-10-12", total_steps=N)` has four stages
+        of `N // 4` steps with expected path lengths 6, 8, 10 and 12; the
+        remainder steps go to the last stage.
+
+        Args:
+            spec: str, path lengths joined by `-`.
+            total_steps: int, optimizer steps of the whole schedule.
+            **kwargs: `fixed_blocks`, `sampling`, `scaling`.
+        """
+        return cls(schedules.parse_spec(spec, total_steps), **kwargs)
+
+    @property
+    def total_steps(self):
+        """The number of optimizer steps the stages cover."""
+        return sum(stage.steps for stage in self.stages)
+
+    def stage_at(self, step):
+        """The 0-based stage of optimizer step `step` (`len(stages)` after)."""
+        return schedules.stage_index(self.stages, step)
+
+    def path_length_at(self, step, num_blocks):
+        """The expected path length at optimizer step `step`."""
+        return schedules.path_length_at(self.stages, step, num_blocks)
+
+    def compute_fraction(self, num_blocks):
+        """Expected block compute relative to training all blocks every step.
+
+        Over the schedule's `total_steps`: 0.75 for `6-8-10-12` on 12 blocks.
+        With `sampling="subset"`, path lengths count as `round(path_length)`.
+        """
+        self._resolve(num_blocks)
+        return schedules.compute_fraction(self.stages, num_blocks, self.sampling)
+
+    def _resolve(self, num_blocks):
+        """Checks the schedule against a model's block count."""
+        fixed = schedules.normalize_fixed_blocks(self.fixed_blocks, num_blocks)
+        schedules.check_stages(self.stages, num_blocks, len(fixed))
+        return _Plan(self.stages, fixed, self.sampling, self.scaling, num_blocks)
+
+    # ------------------------------------------------------------------
+    # Callback hooks: bookkeeping on the host, to know when every block is
+    # on (the model then runs its plain, unconditional train step).
+
+    def set_model(self, model):
+        from keras_raptr.models.random_part_model import RandomPartModel
+
+        if not isinstance(model, RandomPartModel):
+            raise ValueError(
+                "`StageSchedule` trains a `keras_raptr.RandomPartModel`, but "
+                f"`fit` was called on {type(model).__name__} '{model.name}'. "
+                "Wrap it first: `model = keras_raptr.RandomPartModel(model)`."
+            )
+        self._full_from = self._resolve(len(model.blocks)).full_from()
+        super().set_model(model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # `self.model` syncs the JAX state, so the counter is current.
+        iterations = self.model.optimizer.iterations
+        self._epoch_start_step = int(ops.convert_to_numpy(iterations))
+        self._update(0)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._update(batch)
+
+    def _update(self, batch):
+        step = self._epoch_start_step + batch
+        # `batch` is the first step of the execution: with
+        # `steps_per_execution > 1` a chunk that crosses into the full stage
+        # still runs the gated step, which computes the stage exactly.
+        self._model._run_full = step >= self._full_from
+
+    def get_config(self):
+        return {
+            "stages": [stage.get_config() for stage in self.stages],
+            "fixed_blocks": list(self.fixed_blocks),
+            "sampling": self.sampling,
+            "scaling": self.scaling,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        lengths = "-".join(f"{s.path_length:g}" for s in self.stages)
+        return (
+            f"StageSchedule({lengths}, total_steps={self.total_steps}, "
+            f"fixed_blocks={self.fixed_blocks}, sampling={self.sampling!r}, "
+            f"scaling={self.scaling!r})"
+        )

@@ -1,0 +1,410 @@
+"""`RandomPartModel`: a Keras model that trains a random path of its blocks."""
+
+import inspect
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_raptr import schedules
+from keras_raptr.layers.random_skip import RandomSkip
+
+
+@keras.saving.register_keras_serializable(package="keras_raptr")
+class RandomPartModel(keras.Model):
+    """A model whose residual blocks train on a random path (RaPTr).
+
+    `RandomPartModel` wraps a model with residual blocks (a keras-hub backbone
+    or task, a Functional model, any layer) and makes each block skippable by
+    wrapping it in a `keras_raptr.layers.RandomSkip`. The wrapped model and the
+    `RandomPartModel` share every weight.
+
+    During `fit` with a `keras_raptr.StageSchedule` callback, each optimizer
+    step samples one random path (one per step, the same for the whole batch)
+    inside the compiled train step, from a `keras.random.SeedGenerator`;
+    blocks off the path cost no compute. The stage, and so the path length, is
+    a function of the optimizer's step count, so a resumed run continues in the
+    right stage. Without a schedule, and always in `evaluate`, `predict` and
+    `model(x)`, the full network runs: the output equals `model.inner(x)`.
+
+    The compiled train step is built at most twice per schedule: once for the
+    stages that sample a path, and once for the stages in which every block is
+    on (there it is the plain network, without any conditional).
+
+    Args:
+        model: `keras.Model` or `keras.layers.Layer`. The model to wrap.
+        blocks: optional list of the model's residual block layers, in depth
+            order. `None` calls `find_blocks(model)`, which finds keras-hub
+            transformer blocks (`model.transformer_layers`, or the task's
+            `model.backbone.transformer_layers`) and `RandomSkip` layers the
+            model already holds.
+        seed: optional int. Seeds the path sampler: with the same seed (and
+            the same data and initial weights), a run samples the same
+            sequence of paths.
+        **kwargs: base model keyword arguments, such as `name`.
+
+    Attributes:
+        inner: the wrapped model. Save or export it to get a plain model.
+        blocks: list of the `RandomSkip` layers, in depth order.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import keras_raptr
+
+    def residual_block(width, name):
+        inputs = keras.Input((width,))
+        x = keras.layers.Dense(width, activation="relu")(inputs)
+        return keras.Model(inputs, keras.layers.Add()([inputs, x]), name=name)
+
+    inputs = keras.Input((16,))
+    x = keras.layers.Dense(32)(inputs)
+    blocks = [residual_block(32, f"block_{i}") for i in range(4)]
+    for block in blocks:
+        x = block(x)
+    outputs = keras.layers.Dense(1)(x)
+    inner = keras.Model(inputs, outputs)
+
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
+    model.compile(optimizer="adam", loss="mse")
+    schedule = keras_raptr.StageSchedule.from_spec("2-3-4", total_steps=30)
+    x, y = np.random.rand(64, 16), np.random.rand(64, 1)
+    model.fit(x, y, batch_size=8, epochs=4, callbacks=[schedule], verbose=0)
+    ```
+
+    Subclassing: to make `RandomPartModel(model)` find the blocks of your own
+    architecture, override `find_blocks`:
+
+    ```python
+    class MyRandomPartModel(keras_raptr.RandomPartModel):
+        def find_blocks(self, model):
+            return [layer for layer in model.layers if "block" in layer.name]
+
+    model = MyRandomPartModel(inner, seed=0)
+    ```
+
+    Register the subclass with `keras.saving.register_keras_serializable` to
+    save and load it as a `.keras` file.
+
+    Reference:
+        Panigrahi et al., "Efficient Stagewise Pretraining via Progressive
+        Subnetworks", ICLR 2025 (arXiv 2402.05913).
+    """
+
+    def __init__(self, model, blocks=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(model, keras.layers.Layer):
+            raise ValueError(
+                "`RandomPartModel` wraps a `keras.Model` or `keras.layers.Layer`, "
+                f"got {model!r} of type {type(model).__name__}."
+            )
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+        ):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}.")
+        self.inner = model
+        self.seed = None if seed is None else int(seed)
+        found = self.find_blocks(model) if blocks is None else blocks
+        self.blocks, given = self._wrap_blocks(model, found)
+        # Names of the blocks as given (`None`: found by `find_blocks`), for
+        # `get_config`.
+        self._block_names = None if blocks is None else [b.name for b in given]
+        self._path_seed_generator = keras.random.SeedGenerator(
+            self.seed, name="path_seed_generator"
+        )
+        # The attached `StageSchedule`, resolved for this model's blocks.
+        self._schedule = None
+        self._plan = None
+        # True while the next train step may run the plain network.
+        self._run_full = True
+        # Set while a train step is traced: the optimizer step tensor (gated
+        # variant only), and which variant is traced.
+        self._step = None
+        self._train_function_key = None
+        if getattr(model, "built", False):
+            self.built = True
+
+    def find_blocks(self, model):
+        """Returns the residual blocks of `model`, in depth order.
+
+        Called when `blocks=None`. Override it in a subclass to support your
+        own architecture. The default finds `RandomSkip` layers that `model`
+        already holds, and keras-hub transformer blocks:
+        `model.transformer_layers`, or `model.backbone.transformer_layers` for
+        a task.
+
+        Raises:
+            ValueError: if no blocks are found.
+        """
+        for candidate in (model, getattr(model, "backbone", None)):
+            layers = getattr(candidate, "transformer_layers", None)
+            if layers:
+                return list(layers)
+        skips = [
+            layer
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, RandomSkip)
+        ]
+        if skips:
+            return skips
+        raise ValueError(
+            f"Could not find the residual blocks of {type(model).__name__} "
+            f"'{model.name}': it has no `transformer_layers` (keras-hub "
+            "backbones and tasks) and holds no `RandomSkip` layers. Pass them "
+            "in depth order, e.g. `RandomPartModel(model, blocks=[...])`, or "
+            "subclass `RandomPartModel` and override `find_blocks`."
+        )
+
+    def _wrap_blocks(self, model, blocks):
+        if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+            raise ValueError(
+                f"`blocks` must be a list of the model's block layers, got {blocks!r}."
+            )
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError(
+                f"`blocks` is empty for model '{model.name}': pass the residual "
+                "block layers to train on a random path."
+            )
+        owned = {
+            id(layer)
+            for layer in model._flatten_layers(include_self=True, recursive=True)
+        }
+        wrapped = []
+        for i, block in enumerate(blocks):
+            if not isinstance(block, keras.layers.Layer):
+                raise ValueError(
+                    f"`blocks[{i}]` must be a `keras.layers.Layer`, got {block!r}."
+                )
+            if id(block) not in owned:
+                raise ValueError(
+                    f"`blocks[{i}]` ('{block.name}') is not a layer of model "
+                    f"'{model.name}'. Pass the model's own block layers."
+                )
+            wrapped.append(block if isinstance(block, RandomSkip) else RandomSkip(block))
+        if len({id(s.block) for s in wrapped}) != len(wrapped):
+            raise ValueError("`blocks` lists the same block more than once.")
+        return wrapped, blocks
+
+    @property
+    def schedule(self):
+        """The `StageSchedule` of the last `fit`, or `None`."""
+        return self._schedule
+
+    def call(self, inputs, training=None, **kwargs):
+        if not (training and self._step is not None):
+            return self.inner(inputs, training=training, **kwargs)
+        gates = self._sample_gates(self._step)
+        for skip, gate in zip(self.blocks, gates):
+            skip._gate = gate
+        try:
+            return self.inner(inputs, training=training, **kwargs)
+        finally:
+            for skip in self.blocks:
+                skip._gate = None
+
+    # ------------------------------------------------------------------
+    # The path, inside the compiled step.
+
+    def _tables(self):
+        """Constant tables of the attached schedule, as numpy arrays."""
+        plan = self._plan
+        num_blocks = len(self.blocks)
+        fixed = np.zeros(num_blocks, dtype=bool)
+        fixed[list(plan.fixed_blocks)] = True
+        num_free = num_blocks - len(plan.fixed_blocks)
+        lengths = [stage.path_length for stage in plan.stages] + [float(num_blocks)]
+        keep = np.ones((len(lengths), num_blocks), dtype="float32")
+        counts = np.zeros(len(lengths), dtype="int32")
+        for s, length in enumerate(lengths):
+            if plan.sampling == "subset":
+                length = float(round(length))
+                counts[s] = int(length) - len(plan.fixed_blocks)
+            p = schedules.keep_probability(length, num_blocks, len(plan.fixed_blocks))
+            keep[s, ~fixed] = p
+        return {
+            "ends": np.asarray(schedules.stage_boundaries(plan.stages), "int32"),
+            "keep": keep,
+            "counts": counts,
+            "lengths": np.asarray(lengths, "float32"),
+            "fixed": fixed,
+            "num_free": num_free,
+        }
+
+    def _stage(self, step):
+        ends = ops.convert_to_tensor(self._tables()["ends"])
+        step = ops.cast(step, "int32")
+        return ops.sum(ops.cast(ops.greater_equal(step, ends), "int32"))
+
+    def _stage_logs(self, step):
+        stage = self._stage(step)
+        lengths = ops.convert_to_tensor(self._tables()["lengths"])
+        return {"stage": stage, "path_length": ops.take(lengths, stage)}
+
+    def _sample_gates(self, step):
+        """Per-block `(on, scale)` for the step: one draw for the whole batch."""
+        tables = self._tables()
+        plan = self._plan
+        num_blocks = len(self.blocks)
+        stage = self._stage(step)
+        keep = ops.take(ops.convert_to_tensor(tables["keep"]), stage, axis=0)
+        fixed = ops.convert_to_tensor(tables["fixed"])
+        uniform = keras.random.uniform(
+            (num_blocks,), seed=self._path_seed_generator, dtype="float32"
+        )
+        if plan.sampling == "bernoulli":
+            on = ops.logical_or(fixed, ops.less(uniform, keep))
+        else:
+            # Exactly `count` free blocks: those with the smallest draws.
+            count = ops.take(ops.convert_to_tensor(tables["counts"]), stage)
+            draws = ops.where(fixed, 2.0, uniform)
+            rank = ops.sum(
+                ops.cast(ops.less(draws[None, :], draws[:, None]), "int32"), axis=1
+            )
+            on = ops.logical_or(fixed, ops.less(rank, count))
+        scale = None
+        if plan.scaling == "inverse":
+            scale = ops.divide(1.0, ops.maximum(keep, 1e-6))
+        free = [not f for f in tables["fixed"]]
+        if keras.backend.backend() == "torch":
+            # One device-to-host copy per step, not one per block.
+            values = ops.stack(
+                [ops.cast(on, "float32"), ops.ones_like(keep) if scale is None else scale]
+            )
+            host = ops.convert_to_numpy(values)
+            return [
+                (
+                    bool(host[0, i]),
+                    float(host[1, i]) if scale is not None and free[i] else None,
+                )
+                for i in range(num_blocks)
+            ]
+        return [
+            (on[i], scale[i] if scale is not None and free[i] else None)
+            for i in range(num_blocks)
+        ]
+
+    # ------------------------------------------------------------------
+    # Training.
+
+    def _optimizer_step(self, args):
+        iterations = self.optimizer.iterations
+        if keras.backend.backend() != "jax":
+            # A copy: the optimizer increments the variable in place later in
+            # the step.
+            return ops.copy(iterations.value)
+        # JAX: the live value is in the state passed to the step.
+        optimizer_variables = args[0][2]
+        for variable, value in zip(self.optimizer.variables, optimizer_variables):
+            if variable is iterations:
+                return value
+        raise RuntimeError(
+            "Could not find the optimizer's step counter in the JAX train state."
+        )
+
+    def train_step(self, *args, **kwargs):
+        if self._plan is None:
+            return super().train_step(*args, **kwargs)
+        step = self._optimizer_step(args)
+        self._step = None if self._tracing_full else step
+        try:
+            result = super().train_step(*args, **kwargs)
+        finally:
+            self._step = None
+        if keras.backend.backend() == "jax":
+            logs, state = result
+            return {**logs, **self._stage_logs(step)}, state
+        return {**result, **self._stage_logs(step)}
+
+    def make_train_function(self, force=False):
+        key = None if self._plan is None else self._plan.key
+        if (
+            self.train_function is not None
+            and not force
+            and key == self._train_function_key
+        ):
+            return self.train_function
+        variants = {}
+        for full in (True, False):
+            super().make_train_function(force=True)
+            variants[full] = self.train_function
+
+        def train_function(*args, **kwargs):
+            full = self._run_full or self._plan is None
+            # Read by `train_step` while a variant is traced (JAX, TensorFlow)
+            # or run (PyTorch).
+            self._tracing_full = full
+            return variants[full](*args, **kwargs)
+
+        self.train_function = train_function
+        self._train_function_key = key
+        return train_function
+
+    _tracing_full = True
+
+    def fit(self, *args, **kwargs):
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        callbacks = bound.arguments.get("callbacks")
+        self._attach(_find_schedule(callbacks))
+        return super().fit(*args, **kwargs)
+
+    def _attach(self, schedule):
+        """Attaches a `StageSchedule` (or `None`: train the full network)."""
+        if schedule is None:
+            self._schedule = None
+            self._plan = None
+            self._run_full = True
+            return
+        self._plan = schedule._resolve(len(self.blocks))
+        self._schedule = schedule
+        self._run_full = False
+
+    # ------------------------------------------------------------------
+    # Serialization.
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.inner),
+                "blocks": None if self._block_names is None else list(self._block_names),
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(config.pop("model"))
+        names = config.pop("blocks", None)
+        blocks = None
+        if names is not None:
+            by_name = {}
+            for layer in model._flatten_layers(include_self=False, recursive=True):
+                by_name.setdefault(layer.name, layer)
+            missing = [name for name in names if name not in by_name]
+            if missing:
+                raise ValueError(
+                    f"Could not find the blocks {missing} in the saved model "
+                    f"'{model.name}'."
+                )
+            blocks = [by_name[name] for name in names]
+        return cls(model, blocks=blocks, **config)
+
+
+def _find_schedule(callbacks):
+    from keras_raptr.callbacks.stage_schedule import StageSchedule
+
+    if callbacks is None:
+        return None
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks = callbacks.callbacks
+    found = [cb for cb in callbacks if isinstance(cb, StageSchedule)]
+    if len(found) > 1:
+        raise ValueError(
+            f"`fit` got {len(found)} `StageSchedule` callbacks; pass one."
+        )
+    return found[0] if found else None

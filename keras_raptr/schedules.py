@@ -1,0 +1,233 @@
+"""Pure functions that describe a RaPTr schedule.
+
+Everything here is a plain function of its arguments (no Keras state, no
+tensors), in the spirit of optax schedules: a schedule is a list of `Stage`s,
+and every question about it ("which stage is step 1234 in?", "how likely is
+block 5 to be on the path?", "how much compute does the whole run cost?") is
+answered by a function of `(stages, step)` or `(stages, num_blocks)`.
+
+The callback (`keras_raptr.StageSchedule`) and the model
+(`keras_raptr.RandomPartModel`) both read these functions, so the host-side
+bookkeeping and the compiled train step can never disagree.
+"""
+
+import dataclasses
+import math
+import numbers
+
+SAMPLING_MODES = ("bernoulli", "subset")
+SCALING_MODES = ("none", "inverse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a RaPTr schedule.
+
+    A stage lasts `steps` optimizer steps; during it, each training step runs
+    a random path whose expected length is `path_length` blocks.
+
+    Args:
+        path_length: float. The expected number of residual blocks on the
+            path during this stage, fixed blocks included. Need not be an
+            integer with `sampling="bernoulli"`.
+        steps: int. How many optimizer steps the stage lasts. Must be
+            positive.
+
+    Example:
+
+    ```python
+    stages = [keras_raptr.Stage(6, 1000), keras_raptr.Stage(12, 1000)]
+    ```
+    """
+
+    path_length: float
+    steps: int
+
+    def __post_init__(self):
+        if isinstance(self.path_length, bool) or not isinstance(
+            self.path_length, numbers.Real
+        ):
+            raise ValueError(
+                "`Stage.path_length` must be a number of blocks, got "
+                f"path_length={self.path_length!r}."
+            )
+        if not math.isfinite(self.path_length) or self.path_length <= 0:
+            raise ValueError(
+                "`Stage.path_length` must be a positive number of blocks, "
+                f"got path_length={self.path_length!r}."
+            )
+        if (
+            isinstance(self.steps, bool)
+            or not isinstance(self.steps, numbers.Integral)
+            or self.steps <= 0
+        ):
+            raise ValueError(
+                "`Stage.steps` must be a positive integer number of optimizer "
+                f"steps, got steps={self.steps!r}."
+            )
+        object.__setattr__(self, "path_length", float(self.path_length))
+        object.__setattr__(self, "steps", int(self.steps))
+
+    def get_config(self):
+        return {"path_length": self.path_length, "steps": self.steps}
+
+
+def parse_spec(spec, total_steps):
+    """Parses the paper's notation into equal-length stages.
+
+    `"6-8-10-12"` with `total_steps=1000` gives four stages of 250 steps with
+    expected path lengths 6, 8, 10 and 12. When `total_steps` does not divide
+    evenly, the remainder goes to the last stage.
+
+    Args:
+        spec: str, path lengths separated by `-`, e.g. `"6-8-10-12"`.
+        total_steps: int, the number of optimizer steps of the whole schedule.
+            Must be at least the number of stages.
+
+    Returns:
+        A list of `Stage`.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(
+            "A schedule spec must be a string of path lengths joined by '-', "
+            f"such as '6-8-10-12'; got {spec!r}."
+        )
+    parts = spec.strip().split("-")
+    lengths = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"Could not parse the schedule spec {spec!r}: {part.strip()!r} "
+                "is not a positive number. Write positive path lengths joined "
+                "by '-', such as '6-8-10-12'."
+            )
+        lengths.append(value)
+    if (
+        isinstance(total_steps, bool)
+        or not isinstance(total_steps, numbers.Integral)
+        or total_steps < len(lengths)
+    ):
+        raise ValueError(
+            f"`total_steps` must be an integer of at least {len(lengths)} (one "
+            f"step per stage of {spec!r}), got total_steps={total_steps!r}."
+        )
+    per_stage = int(total_steps) // len(lengths)
+    steps = [per_stage] * len(lengths)
+    steps[-1] += int(total_steps) - per_stage * len(lengths)
+    return [Stage(pl, n) for pl, n in zip(lengths, steps)]
+
+
+def stage_boundaries(stages):
+    """The step at which each stage ends (exclusive), in order."""
+    ends, total = [], 0
+    for stage in stages:
+        total += stage.steps
+        ends.append(total)
+    return ends
+
+
+def stage_index(stages, step):
+    """The 0-based stage that optimizer step `step` trains in.
+
+    Steps at or after the end of the schedule return `len(stages)`: the
+    implicit final stage in which the full network trains.
+    """
+    return sum(1 for end in stage_boundaries(stages) if step >= end)
+
+
+def path_length_at(stages, step, num_blocks):
+    """The expected path length at optimizer step `step`."""
+    index = stage_index(stages, step)
+    if index == len(stages):
+        return float(num_blocks)
+    return stages[index].path_length
+
+
+def keep_probability(path_length, num_blocks, num_fixed):
+    """The probability that a block outside the fixed set is on the path.
+
+    `(path_length - num_fixed) / (num_blocks - num_fixed)`: the paper's
+    definition, which makes the expected path length `path_length`.
+    """
+    free = num_blocks - num_fixed
+    if free <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (path_length - num_fixed) / free))
+
+
+def sampled_path_length(path_length, sampling):
+    """The path length a step really runs on average for a sampling mode.
+
+    `"subset"` runs exactly `round(path_length)` blocks; `"bernoulli"` runs
+    `path_length` blocks in expectation.
+    """
+    if sampling == "subset":
+        return float(round(path_length))
+    return float(path_length)
+
+
+def compute_fraction(stages, num_blocks, sampling="bernoulli"):
+    """Expected block compute of a schedule relative to full training.
+
+    The ratio of block evaluations (forward and backward) that the schedule
+    runs to the `num_blocks * total_steps` that training every block at every
+    step would run. Embeddings and heads are not counted.
+
+    Example: `"6-8-10-12"` on 12 blocks is `(6 + 8 + 10 + 12) / 48 = 0.75`.
+    """
+    total = sum(stage.steps for stage in stages)
+    used = sum(
+        stage.steps * sampled_path_length(stage.path_length, sampling)
+        for stage in stages
+    )
+    return used / (num_blocks * total)
+
+
+def normalize_fixed_blocks(fixed_blocks, num_blocks):
+    """Resolves negative indices and checks that each is in range.
+
+    Returns a sorted tuple of non-negative, distinct block indices.
+    """
+    resolved = []
+    for index in fixed_blocks:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(
+                f"`fixed_blocks` must hold integer block indices, got {index!r} "
+                f"in fixed_blocks={tuple(fixed_blocks)!r}."
+            )
+        if not -num_blocks <= index < num_blocks:
+            raise ValueError(
+                f"`fixed_blocks` index {index} is out of range for a model with "
+                f"{num_blocks} blocks: use indices in [{-num_blocks}, "
+                f"{num_blocks - 1}]."
+            )
+        resolved.append(int(index) % num_blocks)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(
+            f"`fixed_blocks={tuple(fixed_blocks)!r}` names the same block twice "
+            f"on a model with {num_blocks} blocks (indices resolve to "
+            f"{resolved}). List each block once."
+        )
+    return tuple(sorted(resolved))
+
+
+def check_stages(stages, num_blocks, num_fixed):
+    """Raises a `ValueError` if a stage's path length cannot be sampled."""
+    for i, stage in enumerate(stages):
+        if stage.path_length > num_blocks:
+            raise ValueError(
+                f"Stage {i} has path_length={stage.path_length:g}, more than the "
+                f"model's {num_blocks} blocks. Use a path length of at most "
+                f"{num_blocks}."
+            )
+        if stage.path_length < num_fixed:
+            raise ValueError(
+                f"Stage {i} has path_length={stage.path_length:g}, fewer than "
+                f"the {num_fixed} fixed blocks that are always on the path. "
+                f"Use a path length of at least {num_fixed}, or fewer "
+                "`fixed_blocks`."
+            )
