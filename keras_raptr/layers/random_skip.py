@@ -99,6 +99,8 @@ class RandomSkip(keras.layers.Layer):
         # on PyTorch) and `scale` is `None` or the factor for the residual
         # update. `None` means "run the block".
         self._gate = None
+        # PyTorch: whether the block was skipped in the current step.
+        self._skipped = False
         _install(block, self)
 
     def build(self, *args, **kwargs):
@@ -140,7 +142,7 @@ class RandomSkip(keras.layers.Layer):
             return _jax_gated(self, block_call, on, scale, args, kwargs)
         if backend == "torch":
             if not on:
-                _zero_grads(self.block)
+                self._skipped = True
                 return args[0]
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
         return ops.cond(
@@ -166,11 +168,12 @@ def _install(block, skip):
 
 
 def _zero_grads(block):
-    """PyTorch: gives an off-path block zero gradients, as JAX and TF do.
+    """PyTorch: gives a skipped block zero gradients, as JAX and TF do.
 
-    The step's `zero_grad()` has cleared them; backward leaves them at zero
-    since the block took no part in the loss. The optimizer then treats the
-    block exactly as on the other backends.
+    Called after the step's `zero_grad()`; backward leaves them at zero since
+    the block took no part in the loss, and the optimizer then treats the
+    block exactly as on the other backends (instead of warning that it has no
+    gradients and leaving it out).
     """
     import torch
 

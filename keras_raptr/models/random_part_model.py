@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.layers.random_skip import RandomSkip
+from keras_raptr.layers.random_skip import _zero_grads
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")
@@ -328,13 +329,22 @@ class RandomPartModel(keras.Model):
             return self.train_function
         variants = {}
         for full in (True, False):
-            super().make_train_function(force=True)
+            # A distinct step function per variant: JAX caches traces by
+            # function, and a bound `self.train_step` would be shared.
+            def step(*args, _full=full, **kwargs):
+                self._tracing_full = _full
+                return type(self).train_step(self, *args, **kwargs)
+
+            object.__setattr__(self, "train_step", step)
+            try:
+                super().make_train_function(force=True)
+            finally:
+                object.__delattr__(self, "train_step")
             variants[full] = self.train_function
 
         def train_function(*args, **kwargs):
             full = self._run_full or self._plan is None
-            # Read by `train_step` while a variant is traced (JAX, TensorFlow)
-            # or run (PyTorch).
+            # PyTorch looks `train_step` up at each call: tell it the variant.
             self._tracing_full = full
             return variants[full](*args, **kwargs)
 
@@ -343,6 +353,16 @@ class RandomPartModel(keras.Model):
         return train_function
 
     _tracing_full = True
+
+    def zero_grad(self, *args, **kwargs):
+        # PyTorch's train step clears gradients between the forward and the
+        # backward pass: give the blocks skipped in that forward zero
+        # gradients afterwards, so every backend updates the same weights.
+        super().zero_grad(*args, **kwargs)
+        for skip in self.blocks:
+            if skip._skipped:
+                skip._skipped = False
+                _zero_grads(skip.block)
 
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)

@@ -1,0 +1,302 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_raptr
+from toy_models import BatchLogs
+from toy_models import block_weights
+from toy_models import changed_blocks
+from toy_models import regression_data
+from toy_models import residual_mlp
+
+
+def make_model(num_blocks=6, dropout=0.0, seed=0, lr=0.01, **kwargs):
+    inner, blocks = residual_mlp(num_blocks, dropout=dropout)
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=seed, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    return model
+
+
+def one_step(model, schedule, data):
+    model.fit(
+        *data, batch_size=len(data[0]), epochs=1, callbacks=[schedule], verbose=0
+    )
+
+
+def test_blocks_and_inner_share_weights():
+    model = make_model()
+    assert [s.block.name for s in model.blocks] == [f"block_{i}" for i in range(6)]
+    assert all(isinstance(s, keras_raptr.layers.RandomSkip) for s in model.blocks)
+    inner_ids = {id(w) for w in model.inner.weights}
+    assert {id(w) for w in model.trainable_weights} == inner_ids
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_sgd_step_changes_exactly_the_path(k):
+    model = make_model()
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(k, 100)], sampling="subset"
+    )
+    data = regression_data()
+    seen = set()
+    for _ in range(4):
+        before = block_weights(model)
+        one_step(model, schedule, data)
+        changed = changed_blocks(before, block_weights(model))
+        assert len(changed) == k, changed
+        assert 0 in changed and 5 in changed  # fixed first and last
+        seen.add(tuple(changed))
+    # A fresh path each step: not always the same blocks.
+    assert len(seen) > 1 or k == 2
+
+
+def test_no_schedule_trains_every_block_like_the_inner_model():
+    model = make_model()
+    inner_copy, _ = residual_mlp(6)
+    inner_copy.set_weights(model.inner.get_weights())
+    inner_copy.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x, y = regression_data()
+    before = block_weights(model)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert changed_blocks(before, block_weights(model)) == list(range(6))
+    inner_copy.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.inner.get_weights(), inner_copy.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_and_predict_run_the_full_network():
+    model = make_model(dropout=0.2)
+    x, y = regression_data()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=100)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    expected = ops.convert_to_numpy(model.inner(x, training=False))
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(model(x)), expected, rtol=1e-5
+    )
+    inner_loss = float(
+        ops.convert_to_numpy(ops.mean(ops.square(expected - y)))
+    )
+    assert model.evaluate(x, y, verbose=0, batch_size=32) == pytest.approx(
+        inner_loss, rel=1e-4
+    )
+
+
+def test_dropout_inside_blocks_trains():
+    model = make_model(dropout=0.5)
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(3, 100)], sampling="subset"
+    )
+    data = regression_data()
+    before = block_weights(model)
+    one_step(model, schedule, data)
+    assert len(changed_blocks(before, block_weights(model))) == 3
+    history = model.fit(*data, batch_size=8, epochs=2, callbacks=[schedule], verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def paths(model, schedule, steps):
+    data = regression_data()
+    result = []
+    for _ in range(steps):
+        before = block_weights(model)
+        one_step(model, schedule, data)
+        result.append(changed_blocks(before, block_weights(model)))
+    return result
+
+
+def test_seed_makes_the_paths_reproducible():
+    def schedule():
+        return keras_raptr.StageSchedule(
+            [keras_raptr.Stage(3, 100)], sampling="subset"
+        )
+
+    first = paths(make_model(seed=7), schedule(), 5)
+    second = paths(make_model(seed=7), schedule(), 5)
+    assert first == second
+    assert len({tuple(p) for p in first}) > 1
+
+
+def test_inverse_scaling_scales_the_residual_update():
+    def run(scaling):
+        keras.backend.clear_session()
+        model = make_model(num_blocks=2, seed=3)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01),
+            loss=lambda y_true, y_pred: ops.mean(y_pred),
+        )
+        schedule = keras_raptr.StageSchedule(
+            [keras_raptr.Stage(1.5, 100)], fixed_blocks=(0,), scaling=scaling
+        )
+        data = regression_data()
+        for _ in range(20):
+            before = block_weights(model)
+            one_step(model, schedule, data)
+            after = block_weights(model)
+            if changed_blocks(before, after) == [0, 1]:
+                # Block 1 is last: with a loss linear in the output, its
+                # kernel's gradient is scaled by 1 / keep_prob = 2.
+                return after[1][0] - before[1][0]
+        raise AssertionError("block 1 was never on the path")
+
+    np.testing.assert_allclose(run("inverse"), 2 * run("none"), rtol=1e-4, atol=1e-7)
+
+
+def test_trace_count_across_stages_and_fits():
+    traces = []
+
+    class Counting(keras_raptr.RandomPartModel):
+        def train_step(self, *args, **kwargs):
+            traces.append(self._tracing_full)
+            return super().train_step(*args, **kwargs)
+
+    inner, blocks = residual_mlp(6)
+    model = Counting(inner, blocks=blocks, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    schedule = keras_raptr.StageSchedule.from_spec("2-4-6", total_steps=12)
+    x, y = regression_data()
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[schedule], verbose=0)
+    function = model.train_function
+    model.fit(x, y, batch_size=8, epochs=3, callbacks=[schedule], verbose=0)
+    # The same train function serves every stage and both `fit` calls.
+    assert model.train_function is function
+    if keras.backend.backend() == "torch":
+        # Eager: one call per step, 20 steps, the first 8 gated.
+        assert traces == [False] * 8 + [True] * 12
+    else:
+        # One trace of the gated step, one of the full step.
+        assert traces == [False, True]
+
+
+def test_save_and_load_keras_file(tmp_path):
+    model = make_model(dropout=0.1)
+    x, y = regression_data()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored, keras_raptr.RandomPartModel)
+    assert [s.block.name for s in restored.blocks] == [s.block.name for s in model.blocks]
+    assert restored.seed == 0
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+    assert int(restored.optimizer.iterations) == 4
+
+
+def test_trained_weights_load_into_the_plain_inner_model(tmp_path):
+    model = make_model()
+    x, y = regression_data()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    path = os.path.join(tmp_path, "inner.weights.h5")
+    model.inner.save_weights(path)
+    plain, _ = residual_mlp(6, seed=1)
+    plain.load_weights(path)
+    np.testing.assert_allclose(
+        plain.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+    # The inner model saved alone is a plain Functional model.
+    model.inner.save(os.path.join(tmp_path, "inner.keras"))
+    loaded = keras.saving.load_model(os.path.join(tmp_path, "inner.keras"))
+    assert not isinstance(loaded, keras_raptr.RandomPartModel)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+
+
+def test_get_config_round_trip():
+    model = make_model(seed=5)
+    config = model.get_config()
+    assert config["blocks"] == [f"block_{i}" for i in range(6)]
+    assert config["seed"] == 5
+    clone = keras_raptr.RandomPartModel.from_config(config)
+    assert [s.block.name for s in clone.blocks] == config["blocks"]
+
+
+def test_keras_hub_backbone_blocks_found():
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50,
+        num_layers=3,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    model = keras_raptr.RandomPartModel(backbone)
+    assert [s.block for s in model.blocks] == list(backbone.transformer_layers)
+    inputs = {
+        "token_ids": np.ones((2, 8), "int32"),
+        "segment_ids": np.zeros((2, 8), "int32"),
+        "padding_mask": np.ones((2, 8), "int32"),
+    }
+    out = model(inputs)
+    ref = backbone(inputs)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(out["sequence_output"]),
+        ops.convert_to_numpy(ref["sequence_output"]),
+        rtol=1e-6,
+    )
+
+
+def test_model_without_blocks_is_an_error():
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, keras.layers.Dense(1)(inputs), name="plain")
+    with pytest.raises(ValueError, match="Could not find the residual blocks.*'plain'.*blocks=\\[...\\]"):
+        keras_raptr.RandomPartModel(plain)
+
+
+@pytest.mark.parametrize(
+    "blocks, match",
+    [
+        ([], "`blocks` is empty"),
+        ("block_0", "must be a list"),
+        ([1], "must be a `keras.layers.Layer`"),
+        ([keras.layers.Dense(3, name="stranger")], "'stranger'\\) is not a layer of model"),
+    ],
+)
+def test_bad_blocks(blocks, match):
+    inner, _ = residual_mlp(2)
+    with pytest.raises(ValueError, match=match):
+        keras_raptr.RandomPartModel(inner, blocks=blocks)
+
+
+def test_bad_model_and_seed():
+    with pytest.raises(ValueError, match="wraps a `keras.Model`"):
+        keras_raptr.RandomPartModel("bert")
+    inner, blocks = residual_mlp(2)
+    with pytest.raises(ValueError, match="`seed` must be an integer"):
+        keras_raptr.RandomPartModel(inner, blocks=blocks, seed="x")
+
+
+def test_find_blocks_can_be_overridden():
+    class ByName(keras_raptr.RandomPartModel):
+        def find_blocks(self, model):
+            return [l for l in model.layers if l.name.startswith("block_")]
+
+    inner, blocks = residual_mlp(4)
+    model = ByName(inner, seed=0)
+    assert [s.block for s in model.blocks] == blocks
+
+
+def test_skipped_blocks_get_zero_gradients_on_every_backend():
+    # Momentum keeps moving a block that is off the path: the optimizer sees
+    # a zero gradient for it (not a missing one) on JAX, TensorFlow and
+    # PyTorch alike.
+    inner, blocks = residual_mlp(6)
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(6, 1), keras_raptr.Stage(2, 10)], sampling="subset"
+    )
+    data = regression_data()
+    one_step(model, schedule, data)  # step 0: every block
+    before = block_weights(model)
+    one_step(model, schedule, data)  # step 1: blocks 0 and 5 only
+    assert changed_blocks(before, block_weights(model)) == list(range(6))

@@ -1,0 +1,159 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_raptr
+from toy_models import BatchLogs
+from toy_models import block_weights
+from toy_models import regression_data
+from toy_models import residual_mlp
+
+
+def make_model(num_blocks=6, seed=0):
+    inner, blocks = residual_mlp(num_blocks)
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=seed)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("steps_per_epoch", [2, 3, 4, 7])
+def test_logs_at_stage_boundaries(steps_per_epoch):
+    model = make_model()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4-6", total_steps=15)
+    logs = BatchLogs()
+    x, y = regression_data(n=8 * 15)
+    model.fit(
+        x, y, batch_size=8, epochs=15 // steps_per_epoch,
+        steps_per_epoch=steps_per_epoch, callbacks=[schedule, logs], verbose=0,
+    )
+    num_steps = (15 // steps_per_epoch) * steps_per_epoch
+    stages = [int(log["stage"]) for log in logs.batches]
+    assert stages == ([0] * 5 + [1] * 5 + [2] * 5)[:num_steps]
+    assert [log["path_length"] for log in logs.batches] == (
+        [2.0] * 5 + [4.0] * 5 + [6.0] * 5
+    )[:num_steps]
+    # An epoch log reports its last step's stage.
+    last_steps = range(steps_per_epoch - 1, num_steps, steps_per_epoch)
+    assert [int(log["stage"]) for log in logs.epochs] == [stages[t] for t in last_steps]
+    assert "path_length" in model.history.history
+
+
+def test_after_the_last_stage_the_full_network_trains():
+    model = make_model()
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(2, 4)], sampling="subset"
+    )
+    logs = BatchLogs()
+    x, y = regression_data()
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule, logs], verbose=0)
+    before = block_weights(model)
+    model.fit(x, y, batch_size=32, epochs=1, callbacks=[schedule, logs], verbose=0)
+    after = block_weights(model)
+    assert all(not np.array_equal(b[0], a[0]) for b, a in zip(before, after))
+    assert [int(log["stage"]) for log in logs.batches] == [0, 0, 0, 0, 1]
+    assert logs.batches[-1]["path_length"] == 6.0
+
+
+def test_resume_from_a_saved_model_continues_mid_stage(tmp_path):
+    x, y = regression_data(n=8 * 10)
+    spec = dict(spec="2-4-6", total_steps=12)
+
+    model = make_model()
+    logs = BatchLogs()
+    schedule = keras_raptr.StageSchedule.from_spec(**spec)
+    model.fit(x[:48], y[:48], batch_size=8, epochs=1, callbacks=[schedule, logs], verbose=0)
+    path = os.path.join(tmp_path, "checkpoint.keras")
+    model.save(path)
+
+    restored = keras.saving.load_model(path)
+    resumed = BatchLogs()
+    restored.fit(
+        x, y, batch_size=8, epochs=4, initial_epoch=2, steps_per_epoch=2,
+        callbacks=[keras_raptr.StageSchedule.from_spec(**spec), resumed], verbose=0,
+    )
+    # Steps 0-5 before the save, 6-9 after it.
+    assert [int(l["stage"]) for l in logs.batches] == [0, 0, 0, 0, 1, 1]
+    assert [int(l["stage"]) for l in resumed.batches] == [1, 1, 2, 2]
+
+
+def test_backup_and_restore_resumes_in_the_right_stage(tmp_path):
+    model = make_model()
+    x, y = regression_data(n=8 * 4)
+    schedule = keras_raptr.StageSchedule.from_spec("2-4-6", total_steps=12)
+    backup = keras.callbacks.BackupAndRestore(os.path.join(tmp_path, "backup"))
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, batch_size=8, epochs=3, callbacks=[schedule, backup, Interrupt()], verbose=0)
+    fresh = make_model(seed=1)
+    logs = BatchLogs()
+    fresh.fit(x, y, batch_size=8, epochs=3, callbacks=[schedule, backup, logs], verbose=0)
+    # Two epochs of 4 steps were backed up; the third epoch is steps 8-11.
+    assert [int(l["stage"]) for l in logs.batches] == [2, 2, 2, 2]
+
+
+def test_compute_fraction():
+    schedule = keras_raptr.StageSchedule.from_spec("6-8-10-12", total_steps=100)
+    assert schedule.compute_fraction(12) == pytest.approx(0.75)
+    assert schedule.total_steps == 100
+    with pytest.raises(ValueError, match="more than the model's 8 blocks"):
+        schedule.compute_fraction(8)
+
+
+def test_config_round_trip():
+    schedule = keras_raptr.StageSchedule.from_spec(
+        "2-4", total_steps=9, fixed_blocks=(0,), sampling="subset", scaling="inverse"
+    )
+    restored = keras_raptr.StageSchedule.from_config(schedule.get_config())
+    assert restored.stages == schedule.stages
+    assert restored.fixed_blocks == (0,)
+    assert restored.sampling == "subset" and restored.scaling == "inverse"
+    assert "2-4" in repr(restored)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(stages=[]), "`stages` is empty"),
+        (dict(stages=keras_raptr.Stage(2, 3)), "must be a list"),
+        (dict(stages=[(2, 3)]), "must be a `keras_raptr.Stage`"),
+        (dict(stages=[keras_raptr.Stage(2, 3)], sampling="random"), "`sampling` must be one of"),
+        (dict(stages=[keras_raptr.Stage(2, 3)], scaling="dropout"), "`scaling` must be one of"),
+        (dict(stages=[keras_raptr.Stage(2, 3)], fixed_blocks=0), "`fixed_blocks` must be a tuple"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_raptr.StageSchedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "schedule, match",
+    [
+        (keras_raptr.StageSchedule([keras_raptr.Stage(7, 3)]), "more than the model's 6 blocks"),
+        (keras_raptr.StageSchedule([keras_raptr.Stage(1, 3)]), "fewer than the 2 fixed blocks"),
+        (keras_raptr.StageSchedule([keras_raptr.Stage(3, 3)], fixed_blocks=(0, 6)), "index 6 is out of range"),
+    ],
+)
+def test_schedule_that_does_not_fit_the_model_fails_before_any_step(schedule, match):
+    model = make_model()
+    x, y = regression_data()
+    before = block_weights(model)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    assert int(model.optimizer.iterations) == 0
+    np.testing.assert_array_equal(before[1][0], block_weights(model)[1][0])
+
+
+def test_schedule_on_a_plain_model_is_an_error():
+    inner, _ = residual_mlp(4)
+    inner.compile(optimizer="sgd", loss="mse")
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=4)
+    with pytest.raises(ValueError, match="trains a `keras_raptr.RandomPartModel`.*Wrap it first"):
+        inner.fit(*regression_data(), epochs=1, callbacks=[schedule], verbose=0)
