@@ -285,18 +285,30 @@ def test_find_blocks_can_be_overridden():
     assert [s.block for s in model.blocks] == blocks
 
 
-def test_skipped_blocks_get_zero_gradients_on_every_backend():
-    # Momentum keeps moving a block that is off the path: the optimizer sees
-    # a zero gradient for it (not a missing one) on JAX, TensorFlow and
-    # PyTorch alike.
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: keras.optimizers.SGD(0.01, momentum=0.9),
+        lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    ],
+    ids=["momentum", "adamw"],
+)
+def test_off_path_blocks_keep_weights_and_optimizer_state(optimizer):
+    # A block off the path is left out of the optimizer update (momentum and
+    # weight decay included), on JAX, TensorFlow and PyTorch alike.
     inner, blocks = residual_mlp(6)
     model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    model.compile(optimizer=optimizer(), loss="mse")
     schedule = keras_raptr.StageSchedule(
         [keras_raptr.Stage(6, 1), keras_raptr.Stage(2, 10)], sampling="subset"
     )
     data = regression_data()
     one_step(model, schedule, data)  # step 0: every block
+    slots = [np.array(v) for v in model.optimizer.variables if "block_2" in v.path]
+    assert slots  # the optimizer keeps state for block 2
     before = block_weights(model)
     one_step(model, schedule, data)  # step 1: blocks 0 and 5 only
-    assert changed_blocks(before, block_weights(model)) == list(range(6))
+    assert changed_blocks(before, block_weights(model)) == [0, 5]
+    after = [np.array(v) for v in model.optimizer.variables if "block_2" in v.path]
+    for a, b in zip(slots, after):
+        np.testing.assert_array_equal(a, b)

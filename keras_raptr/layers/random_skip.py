@@ -99,8 +99,6 @@ class RandomSkip(keras.layers.Layer):
         # on PyTorch) and `scale` is `None` or the factor for the residual
         # update. `None` means "run the block".
         self._gate = None
-        # PyTorch: whether the block was skipped in the current step.
-        self._skipped = False
         _install(block, self)
 
     def build(self, *args, **kwargs):
@@ -142,7 +140,6 @@ class RandomSkip(keras.layers.Layer):
             return _jax_gated(self, block_call, on, scale, args, kwargs)
         if backend == "torch":
             if not on:
-                self._skipped = True
                 return args[0]
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
         return ops.cond(
@@ -165,22 +162,6 @@ def _install(block, skip):
     # not registered by torch.nn.Module), so the block's config, weights and
     # saving are those of the plain block.
     object.__setattr__(block, "call", call)
-
-
-def _zero_grads(block):
-    """PyTorch: gives a skipped block zero gradients, as JAX and TF do.
-
-    Called after the step's `zero_grad()`; backward leaves them at zero since
-    the block took no part in the loss, and the optimizer then treats the
-    block exactly as on the other backends (instead of warning that it has no
-    gradients and leaving it out).
-    """
-    import torch
-
-    for variable in block.trainable_variables:
-        tensor = variable.value
-        if tensor.grad is None:
-            tensor.grad = torch.zeros_like(tensor)
 
 
 def _check_output(skip, x, y):

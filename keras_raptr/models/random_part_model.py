@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.layers.random_skip import RandomSkip
-from keras_raptr.layers.random_skip import _zero_grads
+from keras_raptr.models._optimizer_gate import skip_off_path_updates
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")
@@ -120,9 +120,9 @@ class RandomPartModel(keras.Model):
         self._plan = None
         # True while the next train step may run the plain network.
         self._run_full = True
-        # Set while a train step is traced: the optimizer step tensor (gated
-        # variant only), and which variant is traced.
-        self._step = None
+        # Set while a gated train step is traced (JAX, TensorFlow) or run
+        # (PyTorch): the per-block `(on, scale)` gates of the step's path.
+        object.__setattr__(self, "_gates", None)
         self._train_function_key = None
         if getattr(model, "built", False):
             self.built = True
@@ -195,9 +195,9 @@ class RandomPartModel(keras.Model):
         return self._schedule
 
     def call(self, inputs, training=None, **kwargs):
-        if not (training and self._step is not None):
+        gates = self._gates
+        if not training or gates is None:
             return self.inner(inputs, training=training, **kwargs)
-        gates = self._sample_gates(self._step)
         for skip, gate in zip(self.blocks, gates):
             skip._gate = gate
         try:
@@ -305,15 +305,42 @@ class RandomPartModel(keras.Model):
             "Could not find the optimizer's step counter in the JAX train state."
         )
 
+    def _draw_path(self, step, args):
+        """Samples the step's gates; on JAX, threads the seed through `args`."""
+        if keras.backend.backend() != "jax":
+            return args, self._sample_gates(step)
+        seed = self._path_seed_generator.state
+        (trainable, non_trainable, optimizer_vars, metrics_vars), *rest = args
+        non_trainable = list(non_trainable)
+        index = next(
+            i for i, v in enumerate(self.non_trainable_variables) if v is seed
+        )
+        with keras.StatelessScope(state_mapping=[(seed, non_trainable[index])]) as scope:
+            gates = self._sample_gates(step)
+            non_trainable[index] = scope.get_current_value(seed)
+        state = (trainable, non_trainable, optimizer_vars, metrics_vars)
+        return (state, *rest), gates
+
     def train_step(self, *args, **kwargs):
         if self._plan is None:
             return super().train_step(*args, **kwargs)
         step = self._optimizer_step(args)
-        self._step = None if self._tracing_full else step
-        try:
+        if self._tracing_full:
             result = super().train_step(*args, **kwargs)
-        finally:
-            self._step = None
+        else:
+            # One path per step, drawn before the forward pass so that the
+            # optimizer can skip the same blocks.
+            args, gates = self._draw_path(step, args)
+            object.__setattr__(self, "_gates", gates)
+            try:
+                with skip_off_path_updates(
+                    self.optimizer,
+                    [skip.block.trainable_variables for skip in self.blocks],
+                    [on for on, _ in gates],
+                ):
+                    result = super().train_step(*args, **kwargs)
+            finally:
+                object.__setattr__(self, "_gates", None)
         if keras.backend.backend() == "jax":
             logs, state = result
             return {**logs, **self._stage_logs(step)}, state
@@ -354,16 +381,6 @@ class RandomPartModel(keras.Model):
 
     _tracing_full = True
 
-    def zero_grad(self, *args, **kwargs):
-        # PyTorch's train step clears gradients between the forward and the
-        # backward pass: give the blocks skipped in that forward zero
-        # gradients afterwards, so every backend updates the same weights.
-        super().zero_grad(*args, **kwargs)
-        for skip in self.blocks:
-            if skip._skipped:
-                skip._skipped = False
-                _zero_grads(skip.block)
-
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         callbacks = bound.arguments.get("callbacks")
@@ -377,6 +394,18 @@ class RandomPartModel(keras.Model):
             self._plan = None
             self._run_full = True
             return
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and getattr(
+            getattr(optimizer, "inner_optimizer", optimizer),
+            "gradient_accumulation_steps",
+            None,
+        ):
+            raise ValueError(
+                "`StageSchedule` does not support an optimizer with "
+                "`gradient_accumulation_steps`: each step draws its own path, "
+                "so accumulated micro-batches would train different blocks. "
+                "Use a larger batch instead."
+            )
         self._plan = schedule._resolve(len(self.blocks))
         self._schedule = schedule
         self._run_full = False

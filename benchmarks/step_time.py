@@ -1,0 +1,264 @@
+"""Compiled train-step time of a RandomPartModel against plain models.
+
+For each backend, a stack of L keras-hub `TransformerEncoder` blocks is
+trained (Adam, MSE on the last hidden states) as:
+
+- a `RandomPartModel` over all L blocks, trained with a one-stage
+  `StageSchedule` of path length l (`sampling="subset"`: exactly l blocks a
+  step, the first and last fixed), for l = L/4, L/2, L;
+- a plain Keras model built with exactly l blocks of the same widths.
+
+Both run through `model.fit`, interleaved round by round in one process, so
+that the machine's noise hits them alike. A round is one epoch of `--steps`
+steps; the step time of a round is its wall-clock time over its steps; the
+reported figure is the median over `--rounds` rounds, after one warm-up
+epoch (which compiles). The ratio RandomPartModel / plain is what to read.
+
+Usage:
+
+    python benchmarks/step_time.py                   # every backend
+    python benchmarks/step_time.py --backends jax    # one
+    python benchmarks/step_time.py --quick           # a smoke run
+
+Writes `benchmarks/results/step_time_<backend>.json` per backend and
+`benchmarks/results/step_time.md` (a table of every backend in the results);
+with `--optimizer sgd`, the same names ending in `_sgd`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--num-blocks", type=int, default=8)
+    parser.add_argument("--hidden-dim", type=int, default=128)
+    parser.add_argument("--intermediate-dim", type=int, default=512)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--optimizer", choices=("adam", "sgd"), default="adam",
+        help="sgd (no momentum) leaves out the optimizer's per-weight cost",
+    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps")
+    parser.add_argument("--output-dir", default=RESULTS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 3, 2
+    return args
+
+
+def build(args, num_blocks, random_part, path_length=None):
+    import keras
+    import keras_hub
+
+    import keras_raptr
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((args.seq_len, args.hidden_dim))
+    x = inputs
+    blocks = []
+    for i in range(num_blocks):
+        block = keras_hub.layers.TransformerEncoder(
+            intermediate_dim=args.intermediate_dim,
+            num_heads=args.num_heads,
+            dropout=0.0,
+            name=f"block_{i}",
+        )
+        blocks.append(block)
+        x = block(x)
+    model = keras.Model(inputs, x)
+    callbacks = []
+    if random_part:
+        model = keras_raptr.RandomPartModel(model, blocks=blocks, seed=0)
+        callbacks.append(
+            keras_raptr.StageSchedule(
+                [keras_raptr.Stage(path_length, 10**9)], sampling="subset"
+            )
+        )
+    optimizer = (
+        keras.optimizers.Adam(1e-4)
+        if args.optimizer == "adam"
+        else keras.optimizers.SGD(1e-4)
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    return model, callbacks
+
+
+class _EpochTimer:
+    def __init__(self):
+        import keras
+
+        class Timer(keras.callbacks.Callback):
+            def on_epoch_begin(self_, epoch, logs=None):
+                self_.start = time.perf_counter()
+
+            def on_epoch_end(self_, epoch, logs=None):
+                self.times.append(time.perf_counter() - self_.start)
+
+        self.times = []
+        self.callback = Timer()
+
+
+def run_child(args):
+    import keras
+    import numpy as np
+
+    backend = keras.backend.backend()
+    rng = np.random.default_rng(0)
+    n = args.batch_size * args.steps
+    x = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
+    y = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
+    num_blocks = args.num_blocks
+    lengths = sorted({max(2, num_blocks // 4), max(2, num_blocks // 2), num_blocks})
+    variants = []
+    for length in lengths:
+        variants.append((f"plain_{length}", length, build(args, length, False)))
+        variants.append(
+            (f"raptr_{length}", length, build(args, num_blocks, True, length))
+        )
+    timers = {name: _EpochTimer() for name, _, _ in variants}
+
+    def epoch(name, model, callbacks):
+        model.fit(
+            x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0,
+            callbacks=callbacks + [timers[name].callback],
+        )
+
+    for name, _, (model, callbacks) in variants:  # warm-up: compiles
+        epoch(name, model, callbacks)
+        timers[name].times.clear()
+    for _ in range(args.rounds):
+        for name, _, (model, callbacks) in variants:
+            epoch(name, model, callbacks)
+
+    rows = []
+    for length in lengths:
+        plain = statistics.median(timers[f"plain_{length}"].times) / args.steps
+        raptr = statistics.median(timers[f"raptr_{length}"].times) / args.steps
+        target = 1.03 if length == num_blocks else 1.10
+        rows.append(
+            {
+                "path_length": length,
+                "plain_ms": round(plain * 1e3, 2),
+                "raptr_ms": round(raptr * 1e3, 2),
+                "ratio": round(raptr / plain, 3),
+                "target": target,
+                "meets_target": raptr / plain <= target,
+            }
+        )
+    result = {
+        "backend": backend,
+        "device": _device(backend),
+        "keras": keras.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "num_blocks", "hidden_dim", "intermediate_dim", "num_heads",
+                "batch_size", "seq_len", "steps", "rounds",
+            )
+        },
+        "optimizer": args.optimizer,
+        "sampling": "subset",
+        "rows": rows,
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, f"step_time_{backend}{_suffix(args)}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+
+def _suffix(args):
+    return "" if args.optimizer == "adam" else f"_{args.optimizer}"
+
+
+def _device(backend):
+    try:
+        if backend == "jax":
+            import jax
+
+            return str(jax.devices()[0].device_kind)
+        if backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+            return "cpu"
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return gpus[0].name if gpus else "cpu"
+    except Exception:  # pragma: no cover - informational only
+        return "unknown"
+
+
+def table(results):
+    lines = [
+        "| backend | device | optimizer | path length | plain ms/step | RaPTr ms/step | ratio | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for row in result["rows"]:
+            mark = "ok" if row["meets_target"] else "missed"
+            lines.append(
+                f"| {result['backend']} | {result['device']} | {result['optimizer']} | "
+                f"{row['path_length']} of "
+                f"{result['config']['num_blocks']} | {row['plain_ms']} | "
+                f"{row['raptr_ms']} | {row['ratio']:.3f} | "
+                f"<= {row['target']:.2f} ({mark}) |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        run_child(args)
+        return 0
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        print(f"Unknown backends {unknown}; choose from {BACKENDS}.", file=sys.stderr)
+        return 2
+    argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    failed = []
+    for backend in backends:
+        print(f"== {backend}", flush=True)
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        code = subprocess.call(
+            [sys.executable, os.path.abspath(__file__), "--child", *argv], env=env
+        )
+        if code:
+            failed.append(backend)
+    results = []
+    for backend in BACKENDS:
+        path = os.path.join(args.output_dir, f"step_time_{backend}{_suffix(args)}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+    text = table(results)
+    print(text)
+    with open(os.path.join(args.output_dir, f"step_time{_suffix(args)}.md"), "w") as f:
+        f.write(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

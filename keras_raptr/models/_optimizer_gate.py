@@ -1,0 +1,139 @@
+"""Skips the optimizer update of the blocks off the path.
+
+A block off the path has no gradient. Left alone, JAX and TensorFlow would
+hand the optimizer zeros for it and pay for a full update of its weights and
+slots (Adam's moments, weight decay) at every step, and PyTorch would leave it
+out. Here every backend leaves it out: inside a gated train step, the update
+(weight decay included) of each block's variables runs under that block's
+gate, so an off-path block's weights and optimizer state stay exactly as they
+are, and its update costs nothing.
+
+- JAX: the optimizer runs in a `StatelessScope`; a block's update runs in a
+  `jax.lax.cond` whose outputs are the variables the update assigns (found by
+  tracing the update once; that trace is dead code that XLA removes).
+- TensorFlow: a `tf.cond` around the block's update ops.
+- PyTorch: the path is known on the host; the off-path blocks' (absent)
+  gradients are dropped before the optimizer sees them.
+"""
+
+import contextlib
+
+import keras
+from keras import ops
+
+
+@contextlib.contextmanager
+def skip_off_path_updates(optimizer, groups, gates):
+    """Within the context, `optimizer` updates block `i` only if `gates[i]`.
+
+    Args:
+        optimizer: the model's `keras.optimizers.Optimizer`.
+        groups: list, per block, of its trainable variables.
+        gates: list, per block, of a scalar boolean tensor (a Python bool on
+            PyTorch).
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    owner = {id(v): i for i, variables in enumerate(groups) for v in variables}
+    backend = keras.backend.backend()
+    if backend == "torch":
+        overrides = {"_filter_empty_gradients": _torch_filter(optimizer, owner, gates)}
+    else:
+        overrides = _graph_overrides(optimizer, owner, gates, backend)
+    for name, function in overrides.items():
+        object.__setattr__(optimizer, name, function)
+    try:
+        yield
+    finally:
+        for name in overrides:
+            object.__delattr__(optimizer, name)
+
+
+def _torch_filter(optimizer, owner, gates):
+    original = optimizer._filter_empty_gradients
+
+    def filter_empty_gradients(grads, variables):
+        kept = [
+            (g, v)
+            for g, v in zip(grads, variables)
+            if not (g is None and id(v) in owner and not gates[owner[id(v)]])
+        ]
+        return original([g for g, _ in kept], [v for _, v in kept])
+
+    return filter_empty_gradients
+
+
+def _graph_overrides(optimizer, owner, gates, backend):
+    apply_weight_decay = optimizer._apply_weight_decay
+    update_step = optimizer._backend_update_step
+
+    def gated_weight_decay(variables):
+        # Blocks decay inside their gated update below.
+        apply_weight_decay([v for v in variables if id(v) not in owner])
+
+    def gated_update_step(grads, variables, learning_rate):
+        rest = [(g, v) for g, v in zip(grads, variables) if id(v) not in owner]
+        if rest:
+            update_step([g for g, _ in rest], [v for _, v in rest], learning_rate)
+        by_block = {}
+        for g, v in zip(grads, variables):
+            if id(v) in owner:
+                by_block.setdefault(owner[id(v)], []).append((g, v))
+        for i, pairs in sorted(by_block.items()):
+            block_grads = [g for g, _ in pairs]
+            block_vars = [v for _, v in pairs]
+
+            def update(block_grads=block_grads, block_vars=block_vars):
+                apply_weight_decay(block_vars)
+                update_step(block_grads, block_vars, learning_rate)
+
+            if backend == "jax":
+                _jax_cond_update(gates[i], update, list(optimizer.variables) + block_vars)
+            else:
+                _tf_cond_update(gates[i], update)
+
+    return {
+        "_apply_weight_decay": gated_weight_decay,
+        "_backend_update_step": gated_update_step,
+    }
+
+
+def _tf_cond_update(on, update):
+    def on_path():
+        update()
+        return ops.zeros((), "int32")
+
+    ops.cond(on, on_path, lambda: ops.zeros((), "int32"))
+
+
+def _jax_cond_update(on, update, candidates):
+    import jax
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    scope = get_stateless_scope()
+    if scope is None:
+        raise RuntimeError("The JAX optimizer update runs outside a StatelessScope.")
+    candidates = [v for v in candidates if scope.get_current_value(v) is not None]
+    before = [scope.get_current_value(v) for v in candidates]
+    # Trace the update once to learn which variables it assigns; its results
+    # are discarded (dead code for XLA) and the variables restored.
+    update()
+    touched = [
+        (v, old)
+        for v, old in zip(candidates, before)
+        if scope.get_current_value(v) is not old
+    ]
+    for v, old in touched:
+        v.assign(old)
+    variables = [v for v, _ in touched]
+    old_values = [old for _, old in touched]
+
+    def on_path(values):
+        update()
+        return [scope.get_current_value(v) for v in variables]
+
+    def off_path(values):
+        return values
+
+    new_values = jax.lax.cond(on, on_path, off_path, old_values)
+    for v, value in zip(variables, new_values):
+        v.assign(value)
