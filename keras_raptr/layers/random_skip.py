@@ -8,12 +8,11 @@ the block runs only when it is on that step's random path. Everywhere else
 
 How the skip saves compute on each backend:
 
-- JAX: `jax.lax.cond`. Only the taken branch runs, forward and backward. The
-  block's call is wrapped in `jax.checkpoint` inside its branch, so that the
-  skip branch does not have to produce (zero) copies of every activation the
-  block would have saved for the backward pass; only the block's inputs are
-  kept. Layers with random state (dropout) run through their variables'
-  values, and their new seed state leaves the branch as an output.
+- JAX: `jax.lax.cond`, forward and backward, with a hand-written VJP: the
+  backward pass recomputes an on-path block from its inputs (which are its
+  only residuals) and skips an off-path one. Layers with random state
+  (dropout) run through their variables' values, and their new seed state
+  leaves the branch as an output.
 - TensorFlow: `tf.cond`, in `tf.function` with and without XLA.
 - PyTorch: a Python `if` on a path that was copied to the host once per step
   (not once per block).
@@ -192,32 +191,126 @@ def _residual(skip, x, y, scale):
 
 
 def _jax_gated(skip, block_call, on, scale, args, kwargs):
-    """`jax.lax.cond` around the block, with its random state threaded out."""
+    """The skip on JAX: a `lax.cond` with a hand-written backward pass.
+
+    The forward pass runs the block under `lax.cond`. Its residuals for the
+    backward pass are the block's inputs and weights themselves (references,
+    not copies); the backward pass is a second `lax.cond` that recomputes the
+    block and takes its VJP when the block was on, and passes the output
+    gradient straight through (zero weight gradients) when it was off.
+    Differentiating a plain `lax.cond` instead would make the skip branch
+    write zeros for every residual of the block (activations, or with
+    `jax.checkpoint` copies of its weights) at every step.
+
+    Random state (dropout seeds) goes in and out of the block explicitly, so
+    the recomputation draws the same masks.
+    """
     import jax
 
-    x = args[0]
-    state = skip.block.non_trainable_variables
+    block = skip.block
+    trainable = block.trainable_variables
+    state = block.non_trainable_variables
+    weights = [v.value for v in trainable]
+    state_values = [v.value for v in state]
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    is_array = [isinstance(leaf, jax.Array) for leaf in leaves]
-    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
+    if not leaves or leaves[0] is not args[0]:
+        raise ValueError(
+            f"`RandomSkip` needs the first positional input of the block "
+            f"'{block.name}' to be a tensor, got {args[0]!r}."
+        )
+    kinds = []
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array):
+            kinds.append("static")
+        elif jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
+            kinds.append("float")
+        else:
+            kinds.append("other")
+    floats = [leaf for leaf, k in zip(leaves, kinds) if k == "float"]
+    others = [leaf for leaf, k in zip(leaves, kinds) if k == "other"]
+    scale_value = jax.numpy.ones((), floats[0].dtype) if scale is None else scale
 
-    def rebuild(array_values):
-        it = iter(array_values)
-        values = [next(it) if a else leaf for leaf, a in zip(leaves, is_array)]
-        return jax.tree_util.tree_unflatten(treedef, values)
+    def run(weights, state_values, floats, others, scale_value):
+        float_it, other_it = iter(floats), iter(others)
+        values = [
+            next(float_it) if k == "float" else next(other_it) if k == "other" else leaf
+            for leaf, k in zip(leaves, kinds)
+        ]
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, values)
+        mapping = list(zip(trainable, weights)) + list(zip(state, state_values))
+        with _ChildScope(mapping) as scope:
+            y = block_call(*call_args, **call_kwargs)
+            new_state = [scope.get_current_value(v) for v in state]
+        y = _residual(skip, call_args[0], y, None if scale is None else scale_value)
+        return y, new_state
 
-    def on_path(array_values):
-        call_args, call_kwargs = rebuild(array_values)
-        y = _residual(skip, call_args[0], block_call(*call_args, **call_kwargs), scale)
-        # Assignments made inside the branch (seed state) leave it as outputs.
-        return y, [v.value for v in state]
+    def skip_block(weights, state_values, floats, others, scale_value):
+        return floats[0], list(state_values)
 
-    before = [v.value for v in state]
+    def forward(on, weights, state_values, floats, others, scale_value):
+        return jax.lax.cond(
+            on, run, skip_block, weights, state_values, floats, others, scale_value
+        )
 
-    def off_path(array_values):
-        return x, before
+    gated = jax.custom_vjp(forward)
 
-    y, new_state = jax.lax.cond(on, jax.checkpoint(on_path), off_path, arrays)
+    def gated_fwd(*inputs):
+        return forward(*inputs), inputs
+
+    def gated_bwd(residuals, cotangents):
+        on, weights, state_values, floats, others, scale_value = residuals
+        dy = cotangents[0]
+
+        def on_path(weights, floats, scale_value):
+            def output(weights, floats, scale_value):
+                return run(weights, state_values, floats, others, scale_value)[0]
+
+            return jax.vjp(output, weights, floats, scale_value)[1](dy)
+
+        def off_path(weights, floats, scale_value):
+            zeros = [jax.numpy.zeros_like(f) for f in floats[1:]]
+            return (
+                [jax.numpy.zeros_like(w) for w in weights],
+                [dy.astype(floats[0].dtype)] + zeros,
+                jax.numpy.zeros_like(scale_value),
+            )
+
+        d_weights, d_floats, d_scale = jax.lax.cond(
+            on, on_path, off_path, weights, floats, scale_value
+        )
+        return None, d_weights, None, d_floats, None, d_scale
+
+    gated.defvjp(gated_fwd, gated_bwd)
+    y, new_state = gated(on, weights, state_values, floats, others, scale_value)
     for variable, value in zip(state, new_state):
         variable.assign(value)
     return y
+
+
+def _child_scope_class():
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    class ChildScope(keras.StatelessScope):
+        """A `StatelessScope` that reads unmapped variables from its parent."""
+
+        def __init__(self, state_mapping):
+            self._parent = get_stateless_scope()
+            super().__init__(state_mapping=state_mapping)
+
+        def get_current_value(self, variable):
+            value = super().get_current_value(variable)
+            if value is None and self._parent is not None:
+                value = self._parent.get_current_value(variable)
+            return value
+
+    return ChildScope
+
+
+def _ChildScope(state_mapping):
+    global _CHILD_SCOPE
+    if _CHILD_SCOPE is None:
+        _CHILD_SCOPE = _child_scope_class()
+    return _CHILD_SCOPE(state_mapping)
+
+
+_CHILD_SCOPE = None

@@ -245,7 +245,12 @@ class RandomPartModel(keras.Model):
         return {"stage": stage, "path_length": ops.take(lengths, stage)}
 
     def _sample_gates(self, step):
-        """Per-block `(on, scale)` for the step: one draw for the whole batch."""
+        """Per-block gates for the step: one draw for the whole batch.
+
+        Returns, per block, `None` for a fixed block, else `(on, scale)`: a
+        scalar boolean tensor (a Python bool on PyTorch) and the residual
+        scale (`None` without `scaling="inverse"`).
+        """
         tables = self._tables()
         plan = self._plan
         num_blocks = len(self.blocks)
@@ -275,17 +280,18 @@ class RandomPartModel(keras.Model):
                 [ops.cast(on, "float32"), ops.ones_like(keep) if scale is None else scale]
             )
             host = ops.convert_to_numpy(values)
-            return [
-                (
-                    bool(host[0, i]),
-                    float(host[1, i]) if scale is not None and free[i] else None,
-                )
+            gates = [
+                (bool(host[0, i]), float(host[1, i]) if scale is not None else None)
                 for i in range(num_blocks)
             ]
-        return [
-            (on[i], scale[i] if scale is not None and free[i] else None)
-            for i in range(num_blocks)
-        ]
+        else:
+            gates = [
+                (on[i], scale[i] if scale is not None else None)
+                for i in range(num_blocks)
+            ]
+        # A fixed block is always on and never scaled: no gate, no
+        # conditional, it runs as in the plain network.
+        return [gate if free[i] else None for i, gate in enumerate(gates)]
 
     # ------------------------------------------------------------------
     # Training.
@@ -333,10 +339,11 @@ class RandomPartModel(keras.Model):
             args, gates = self._draw_path(step, args)
             object.__setattr__(self, "_gates", gates)
             try:
+                gated = [(skip, gate) for skip, gate in zip(self.blocks, gates) if gate is not None]
                 with skip_off_path_updates(
                     self.optimizer,
-                    [skip.block.trainable_variables for skip in self.blocks],
-                    [on for on, _ in gates],
+                    [skip.block.trainable_variables for skip, _ in gated],
+                    [on for _, (on, _) in gated],
                 ):
                     result = super().train_step(*args, **kwargs)
             finally:
