@@ -36,6 +36,8 @@ class Stage:
     Example:
 
     ```python
+    import keras_raptr
+
     stages = [keras_raptr.Stage(6, 1000), keras_raptr.Stage(12, 1000)]
     ```
     """

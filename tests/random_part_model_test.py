@@ -312,3 +312,41 @@ def test_off_path_blocks_keep_weights_and_optimizer_state(optimizer):
     after = [np.array(v) for v in model.optimizer.variables if "block_2" in v.path]
     for a, b in zip(slots, after):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_trains_with_and_without_jit_compile(jit_compile):
+    if jit_compile and keras.backend.backend() == "torch":
+        pytest.skip("torch.compile of the train step is not supported")
+    model = make_model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit_compile
+    )
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(3, 100)], sampling="subset"
+    )
+    data = regression_data()
+    before = block_weights(model)
+    one_step(model, schedule, data)
+    assert len(changed_blocks(before, block_weights(model))) == 3
+
+
+def test_save_and_load_weights(tmp_path):
+    model = make_model(dropout=0.1)
+    x, y = regression_data()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    path = os.path.join(tmp_path, "model.weights.h5")
+    model.save_weights(path)
+    other = make_model(seed=0)
+    other.load_weights(path)
+    np.testing.assert_allclose(
+        other.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+
+
+def test_wrapping_the_same_model_twice_reuses_the_skips():
+    inner, blocks = residual_mlp(3)
+    first = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
+    second = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=1)
+    assert [id(s) for s in first.blocks] == [id(s) for s in second.blocks]

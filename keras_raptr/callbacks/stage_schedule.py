@@ -29,6 +29,7 @@ arXiv 2402.05913.
 import dataclasses
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_raptr import schedules
@@ -48,6 +49,37 @@ class _Plan:
     @property
     def key(self):
         return dataclasses.astuple(self)
+
+    def tables(self):
+        """Constant tables the compiled step reads, as numpy arrays.
+
+        One row per stage plus a last row for the full network after the
+        schedule: `ends` (the step each stage ends at), `keep` (keep
+        probability per stage and block; fixed blocks 1), `counts` (free
+        blocks on the path per stage, for `subset` sampling), `lengths`
+        (expected path length per stage), `fixed` (mask of fixed blocks).
+        """
+        num_fixed = len(self.fixed_blocks)
+        fixed = np.zeros(self.num_blocks, dtype=bool)
+        fixed[list(self.fixed_blocks)] = True
+        lengths = [stage.path_length for stage in self.stages] + [
+            float(self.num_blocks)
+        ]
+        keep = np.ones((len(lengths), self.num_blocks), dtype="float32")
+        counts = np.zeros(len(lengths), dtype="int32")
+        for s, length in enumerate(lengths):
+            length = schedules.sampled_path_length(length, self.sampling)
+            counts[s] = int(round(length)) - num_fixed
+            keep[s, ~fixed] = schedules.keep_probability(
+                length, self.num_blocks, num_fixed
+            )
+        return {
+            "ends": np.asarray(schedules.stage_boundaries(self.stages), "int32"),
+            "keep": keep,
+            "counts": counts,
+            "lengths": np.asarray(lengths, "float32"),
+            "fixed": fixed,
+        }
 
     def full_from(self):
         """The first step from which every step runs every block."""
@@ -94,12 +126,15 @@ class StageSchedule(keras.callbacks.Callback):
     Example:
 
     ```python
+    import keras_raptr
+
     schedule = keras_raptr.StageSchedule(
         [keras_raptr.Stage(6, 1000), keras_raptr.Stage(9, 1000),
          keras_raptr.Stage(12, 1000)],
     )
     schedule = keras_raptr.StageSchedule.from_spec("6-8-10-12", total_steps=4000)
-    schedule.compute_fraction(12)  # 0.75
+    assert schedule.compute_fraction(12) == 0.75
+    # With a RandomPartModel `model`:
     # model.fit(data, epochs=..., callbacks=[schedule])
     ```
     """

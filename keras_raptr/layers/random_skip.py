@@ -83,7 +83,7 @@ class RandomSkip(keras.layers.Layer):
                 "`RandomSkip` wraps a `keras.layers.Layer` residual block, got "
                 f"{block!r} of type {type(block).__name__}."
             )
-        if getattr(block.call, _WRAPPED_ATTR, None) is not None:
+        if wrapper_of(block) is not None:
             raise ValueError(
                 f"The block '{block.name}' is already wrapped in a "
                 "`RandomSkip`. Wrap each block once, or reuse the existing "
@@ -148,6 +148,11 @@ class RandomSkip(keras.layers.Layer):
         )
 
 
+def wrapper_of(block):
+    """The `RandomSkip` that wraps `block`, or `None`."""
+    return getattr(block.call, _WRAPPED_ATTR, None)
+
+
 def _install(block, skip):
     """Routes every call of `block` through `skip`'s gate."""
     block_call = block.call
@@ -156,7 +161,7 @@ def _install(block, skip):
     def call(*args, **kwargs):
         return skip._gated_call(block_call, *args, **kwargs)
 
-    setattr(call, _WRAPPED_ATTR, True)
+    setattr(call, _WRAPPED_ATTR, skip)
     # `object.__setattr__`: a function attribute, not tracked by Keras (and
     # not registered by torch.nn.Module), so the block's config, weights and
     # saving are those of the plain block.

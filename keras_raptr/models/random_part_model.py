@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.layers.random_skip import RandomSkip
+from keras_raptr.layers.random_skip import wrapper_of
 from keras_raptr.models._optimizer_gate import skip_off_path_updates
 
 
@@ -60,14 +61,16 @@ class RandomPartModel(keras.Model):
         x = keras.layers.Dense(width, activation="relu")(inputs)
         return keras.Model(inputs, keras.layers.Add()([inputs, x]), name=name)
 
-    inputs = keras.Input((16,))
-    x = keras.layers.Dense(32)(inputs)
-    blocks = [residual_block(32, f"block_{i}") for i in range(4)]
-    for block in blocks:
-        x = block(x)
-    outputs = keras.layers.Dense(1)(x)
-    inner = keras.Model(inputs, outputs)
+    def build():
+        inputs = keras.Input((16,))
+        x = keras.layers.Dense(32)(inputs)
+        blocks = [residual_block(32, f"block_{i}") for i in range(4)]
+        for block in blocks:
+            x = block(x)
+        outputs = keras.layers.Dense(1)(x)
+        return keras.Model(inputs, outputs), blocks
 
+    inner, blocks = build()
     model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
     model.compile(optimizer="adam", loss="mse")
     schedule = keras_raptr.StageSchedule.from_spec("2-3-4", total_steps=30)
@@ -83,7 +86,7 @@ class RandomPartModel(keras.Model):
         def find_blocks(self, model):
             return [layer for layer in model.layers if "block" in layer.name]
 
-    model = MyRandomPartModel(inner, seed=0)
+    model = MyRandomPartModel(build()[0], seed=0)
     ```
 
     Register the subclass with `keras.saving.register_keras_serializable` to
@@ -184,7 +187,11 @@ class RandomPartModel(keras.Model):
                     f"`blocks[{i}]` ('{block.name}') is not a layer of model "
                     f"'{model.name}'. Pass the model's own block layers."
                 )
-            wrapped.append(block if isinstance(block, RandomSkip) else RandomSkip(block))
+            if not isinstance(block, RandomSkip):
+                # A block wrapped before (by another RandomPartModel over the
+                # same model) keeps its wrapper.
+                block = wrapper_of(block) or RandomSkip(block)
+            wrapped.append(block)
         if len({id(s.block) for s in wrapped}) != len(wrapped):
             raise ValueError("`blocks` lists the same block more than once.")
         return wrapped, blocks
@@ -198,65 +205,39 @@ class RandomPartModel(keras.Model):
         gates = self._gates
         if not training or gates is None:
             return self.inner(inputs, training=training, **kwargs)
+        # Plain attributes, not tracked by Keras: set once per step.
         for skip, gate in zip(self.blocks, gates):
-            skip._gate = gate
+            object.__setattr__(skip, "_gate", gate)
         try:
             return self.inner(inputs, training=training, **kwargs)
         finally:
             for skip in self.blocks:
-                skip._gate = None
+                object.__setattr__(skip, "_gate", None)
 
     # ------------------------------------------------------------------
     # The path, inside the compiled step.
 
-    def _tables(self):
-        """Constant tables of the attached schedule, as numpy arrays."""
-        plan = self._plan
-        num_blocks = len(self.blocks)
-        fixed = np.zeros(num_blocks, dtype=bool)
-        fixed[list(plan.fixed_blocks)] = True
-        num_free = num_blocks - len(plan.fixed_blocks)
-        lengths = [stage.path_length for stage in plan.stages] + [float(num_blocks)]
-        keep = np.ones((len(lengths), num_blocks), dtype="float32")
-        counts = np.zeros(len(lengths), dtype="int32")
-        for s, length in enumerate(lengths):
-            if plan.sampling == "subset":
-                length = float(round(length))
-                counts[s] = int(length) - len(plan.fixed_blocks)
-            p = schedules.keep_probability(length, num_blocks, len(plan.fixed_blocks))
-            keep[s, ~fixed] = p
-        return {
-            "ends": np.asarray(schedules.stage_boundaries(plan.stages), "int32"),
-            "keep": keep,
-            "counts": counts,
-            "lengths": np.asarray(lengths, "float32"),
-            "fixed": fixed,
-            "num_free": num_free,
-        }
-
     def _stage(self, step):
-        ends = ops.convert_to_tensor(self._tables()["ends"])
+        ends = self._plan_tensors["ends"]
         step = ops.cast(step, "int32")
         return ops.sum(ops.cast(ops.greater_equal(step, ends), "int32"))
 
-    def _stage_logs(self, step):
-        stage = self._stage(step)
-        lengths = ops.convert_to_tensor(self._tables()["lengths"])
+    def _stage_logs(self, stage):
+        lengths = self._plan_tensors["lengths"]
         return {"stage": stage, "path_length": ops.take(lengths, stage)}
 
-    def _sample_gates(self, step):
+    def _sample_gates(self, stage):
         """Per-block gates for the step: one draw for the whole batch.
 
         Returns, per block, `None` for a fixed block, else `(on, scale)`: a
         scalar boolean tensor (a Python bool on PyTorch) and the residual
         scale (`None` without `scaling="inverse"`).
         """
-        tables = self._tables()
+        tables = self._plan_tensors
         plan = self._plan
         num_blocks = len(self.blocks)
-        stage = self._stage(step)
-        keep = ops.take(ops.convert_to_tensor(tables["keep"]), stage, axis=0)
-        fixed = ops.convert_to_tensor(tables["fixed"])
+        keep = ops.take(tables["keep"], stage, axis=0)
+        fixed = tables["fixed"]
         uniform = keras.random.uniform(
             (num_blocks,), seed=self._path_seed_generator, dtype="float32"
         )
@@ -264,7 +245,7 @@ class RandomPartModel(keras.Model):
             on = ops.logical_or(fixed, ops.less(uniform, keep))
         else:
             # Exactly `count` free blocks: those with the smallest draws.
-            count = ops.take(ops.convert_to_tensor(tables["counts"]), stage)
+            count = ops.take(tables["counts"], stage)
             draws = ops.where(fixed, 2.0, uniform)
             rank = ops.sum(
                 ops.cast(ops.less(draws[None, :], draws[:, None]), "int32"), axis=1
@@ -273,7 +254,7 @@ class RandomPartModel(keras.Model):
         scale = None
         if plan.scaling == "inverse":
             scale = ops.divide(1.0, ops.maximum(keep, 1e-6))
-        free = [not f for f in tables["fixed"]]
+        free = [i not in plan.fixed_blocks for i in range(num_blocks)]
         if keras.backend.backend() == "torch":
             # One device-to-host copy per step, not one per block.
             values = ops.stack(
@@ -296,6 +277,17 @@ class RandomPartModel(keras.Model):
     # ------------------------------------------------------------------
     # Training.
 
+    def _free_block_variables(self):
+        """Per non-fixed block, its trainable variables (cached per schedule)."""
+        if self._free_variables is None:
+            variables = [
+                skip.block.trainable_variables
+                for i, skip in enumerate(self.blocks)
+                if i not in self._plan.fixed_blocks
+            ]
+            object.__setattr__(self, "_free_variables", variables)
+        return self._free_variables
+
     def _optimizer_step(self, args):
         iterations = self.optimizer.iterations
         if keras.backend.backend() != "jax":
@@ -311,10 +303,10 @@ class RandomPartModel(keras.Model):
             "Could not find the optimizer's step counter in the JAX train state."
         )
 
-    def _draw_path(self, step, args):
+    def _draw_path(self, stage, args):
         """Samples the step's gates; on JAX, threads the seed through `args`."""
         if keras.backend.backend() != "jax":
-            return args, self._sample_gates(step)
+            return args, self._sample_gates(stage)
         seed = self._path_seed_generator.state
         (trainable, non_trainable, optimizer_vars, metrics_vars), *rest = args
         non_trainable = list(non_trainable)
@@ -322,7 +314,7 @@ class RandomPartModel(keras.Model):
             i for i, v in enumerate(self.non_trainable_variables) if v is seed
         )
         with keras.StatelessScope(state_mapping=[(seed, non_trainable[index])]) as scope:
-            gates = self._sample_gates(step)
+            gates = self._sample_gates(stage)
             non_trainable[index] = scope.get_current_value(seed)
         state = (trainable, non_trainable, optimizer_vars, metrics_vars)
         return (state, *rest), gates
@@ -330,28 +322,27 @@ class RandomPartModel(keras.Model):
     def train_step(self, *args, **kwargs):
         if self._plan is None:
             return super().train_step(*args, **kwargs)
-        step = self._optimizer_step(args)
+        stage = self._stage(self._optimizer_step(args))
         if self._tracing_full:
             result = super().train_step(*args, **kwargs)
         else:
             # One path per step, drawn before the forward pass so that the
             # optimizer can skip the same blocks.
-            args, gates = self._draw_path(step, args)
+            args, gates = self._draw_path(stage, args)
             object.__setattr__(self, "_gates", gates)
             try:
-                gated = [(skip, gate) for skip, gate in zip(self.blocks, gates) if gate is not None]
                 with skip_off_path_updates(
                     self.optimizer,
-                    [skip.block.trainable_variables for skip, _ in gated],
-                    [on for _, (on, _) in gated],
+                    self._free_block_variables(),
+                    [gate[0] for gate in gates if gate is not None],
                 ):
                     result = super().train_step(*args, **kwargs)
             finally:
                 object.__setattr__(self, "_gates", None)
         if keras.backend.backend() == "jax":
             logs, state = result
-            return {**logs, **self._stage_logs(step)}, state
-        return {**result, **self._stage_logs(step)}
+            return {**logs, **self._stage_logs(stage)}, state
+        return {**result, **self._stage_logs(stage)}
 
     def make_train_function(self, force=False):
         key = None if self._plan is None else self._plan.key
@@ -414,6 +405,17 @@ class RandomPartModel(keras.Model):
                 "Use a larger batch instead."
             )
         self._plan = schedule._resolve(len(self.blocks))
+        # Constants of the compiled step, made once, outside any trace.
+        # (Plain attributes: Keras must not track these as the model's own.)
+        object.__setattr__(
+            self,
+            "_plan_tensors",
+            {
+                name: ops.convert_to_tensor(table)
+                for name, table in self._plan.tables().items()
+            },
+        )
+        object.__setattr__(self, "_free_variables", None)
         self._schedule = schedule
         self._run_full = False
 

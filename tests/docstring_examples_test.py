@@ -1,0 +1,28 @@
+"""Runs the `Example:` code blocks of the public docstrings."""
+
+import re
+
+import pytest
+
+import keras_raptr
+
+PUBLIC = {
+    "RandomPartModel": keras_raptr.RandomPartModel,
+    "RandomSkip": keras_raptr.layers.RandomSkip,
+    "Stage": keras_raptr.Stage,
+    "StageSchedule": keras_raptr.StageSchedule,
+}
+
+
+def code_blocks(obj):
+    return re.findall(r"```python\n(.*?)```", obj.__doc__, flags=re.S)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_docstring_examples_run(name):
+    blocks = code_blocks(PUBLIC[name])
+    assert blocks, f"{name} has no example"
+    namespace = {}
+    for block in blocks:
+        lines = [line[4:] if line.startswith("    ") else line for line in block.splitlines()]
+        exec(compile("\n".join(lines), f"<{name} example>", "exec"), namespace)
