@@ -56,7 +56,9 @@ def mask(batch, rng, rate=0.15):
     """BERT-style masking: returns inputs, targets and per-token weights."""
     chosen = rng.random(batch.shape) < rate
     inputs = np.where(chosen, MASK_ID, batch)
-    return inputs, batch, chosen.astype("float32")
+    # Weights that average the loss over the masked bytes only.
+    weights = chosen.astype("float32") / max(chosen.mean(), 1e-9)
+    return inputs, batch, weights
 
 
 def build(num_layers, hidden_dim, seq_len):

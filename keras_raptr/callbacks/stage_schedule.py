@@ -15,8 +15,10 @@ block compute of full training, reaching equal or better loss, and UL2-1.6B
 with 1.2x fewer FLOPs and better downstream scores.
 
 What it costs: nothing in parameters. Per step, only the path's blocks run,
-forward and backward; the optimizer still updates every weight (off-path blocks
-get zero gradients). `compute_fraction()` gives the expected block compute.
+forward, backward and in the optimizer: an off-path block's weights and
+optimizer state are left as they are. `compute_fraction()` gives the expected
+block compute. On JAX, a free (non-fixed) block on the path recomputes its
+forward pass in the backward pass (see `layers/random_skip.py`).
 
 How to use it: wrap the model in `keras_raptr.RandomPartModel` and pass a
 `StageSchedule` to `fit`.

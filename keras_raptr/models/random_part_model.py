@@ -404,6 +404,12 @@ class RandomPartModel(keras.Model):
                 "so accumulated micro-batches would train different blocks. "
                 "Use a larger batch instead."
             )
+        if keras.backend.backend() == "torch" and getattr(self, "jit_compile", False):
+            raise ValueError(
+                "`StageSchedule` does not support `jit_compile=True` on PyTorch: "
+                "`torch.compile` would recompile the train step for each new "
+                "path. Compile the model with `jit_compile=False`."
+            )
         self._plan = schedule._resolve(len(self.blocks))
         # Constants of the compiled step, made once, outside any trace.
         # (Plain attributes: Keras must not track these as the model's own.)
