@@ -362,3 +362,23 @@ def test_gradient_accumulation_is_an_error():
     schedule = keras_raptr.StageSchedule([keras_raptr.Stage(3, 10)])
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         one_step(model, schedule, regression_data())
+
+
+def test_fit_again_does_not_rebuild_the_model_symbolically():
+    # Keras re-runs a symbolic forward pass at every `fit` while any layer is
+    # unbuilt; the RandomSkip layers must count as built with their blocks.
+    model = make_model()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
+    data = regression_data()
+    one_step(model, schedule, data)
+    assert all(layer.built for layer in model._flatten_layers())
+    calls = []
+    original = model.compute_output_spec
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.compute_output_spec = spy
+    one_step(model, schedule, data)
+    assert calls == []

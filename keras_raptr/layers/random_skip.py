@@ -99,6 +99,10 @@ class RandomSkip(keras.layers.Layer):
         # update. `None` means "run the block".
         self._gate = None
         _install(block, self)
+        # A model that calls the block directly never calls this layer: it is
+        # built when its block is (see `_gated_call`). Keras rebuilds a model
+        # symbolically at every `fit` while any of its layers is unbuilt.
+        self.built = block.built
 
     def build(self, *args, **kwargs):
         # The block builds itself on its first call.
@@ -123,6 +127,8 @@ class RandomSkip(keras.layers.Layer):
         return cls(block, **config)
 
     def _gated_call(self, block_call, *args, **kwargs):
+        if not self.built:
+            self.built = True
         gate = self._gate
         if gate is None:
             return block_call(*args, **kwargs)
