@@ -6,7 +6,6 @@ import pytest
 from keras import ops
 
 import keras_raptr
-from toy_models import BatchLogs
 from toy_models import block_weights
 from toy_models import changed_blocks
 from toy_models import regression_data
@@ -24,6 +23,15 @@ def one_step(model, schedule, data):
     model.fit(
         *data, batch_size=len(data[0]), epochs=1, callbacks=[schedule], verbose=0
     )
+
+
+def trained_model(dropout=0.0):
+    """A model after one epoch (4 steps) under a 2-4 schedule, and its inputs."""
+    model = make_model(dropout=dropout)
+    x, y = regression_data()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    return model, x
 
 
 def test_blocks_and_inner_share_weights():
@@ -172,10 +180,7 @@ def test_trace_count_across_stages_and_fits():
 
 
 def test_save_and_load_keras_file(tmp_path):
-    model = make_model(dropout=0.1)
-    x, y = regression_data()
-    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
-    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    model, x = trained_model(dropout=0.1)
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
@@ -189,10 +194,7 @@ def test_save_and_load_keras_file(tmp_path):
 
 
 def test_trained_weights_load_into_the_plain_inner_model(tmp_path):
-    model = make_model()
-    x, y = regression_data()
-    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
-    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    model, x = trained_model()
     path = os.path.join(tmp_path, "inner.weights.h5")
     model.inner.save_weights(path)
     plain, _ = residual_mlp(6, seed=1)
@@ -334,10 +336,7 @@ def test_trains_with_and_without_jit_compile(jit_compile):
 
 
 def test_save_and_load_weights(tmp_path):
-    model = make_model(dropout=0.1)
-    x, y = regression_data()
-    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
-    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    model, x = trained_model(dropout=0.1)
     path = os.path.join(tmp_path, "model.weights.h5")
     model.save_weights(path)
     other = make_model(seed=0)

@@ -6,7 +6,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_raptr import schedules
 from keras_raptr.layers.random_skip import RandomSkip
 from keras_raptr.layers.random_skip import wrapper_of
 from keras_raptr.models._optimizer_gate import skip_off_path_updates
@@ -118,7 +117,8 @@ class RandomPartModel(keras.Model):
         self._path_seed_generator = keras.random.SeedGenerator(
             self.seed, name="path_seed_generator"
         )
-        # The attached `StageSchedule`, resolved for this model's blocks.
+        # The `StageSchedule` of the last `fit`, and it resolved for this
+        # model's blocks (`None`: train the full network).
         self._schedule = None
         self._plan = None
         # True while the next train step may run the plain network.
