@@ -381,3 +381,22 @@ def test_fit_again_does_not_rebuild_the_model_symbolically():
     model.compute_output_spec = spy
     one_step(model, schedule, data)
     assert calls == []
+
+
+def test_keras_hub_task_blocks_found_through_its_backbone():
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    task = keras_hub.models.BertTextClassifier(
+        backbone, num_classes=2, preprocessor=None
+    )
+    model = keras_raptr.RandomPartModel(task, seed=0)
+    assert [s.block for s in model.blocks] == list(backbone.transformer_layers)
+    assert keras_raptr.__version__

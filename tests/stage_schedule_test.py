@@ -157,3 +157,20 @@ def test_schedule_on_a_plain_model_is_an_error():
     schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=4)
     with pytest.raises(ValueError, match="trains a `keras_raptr.RandomPartModel`.*Wrap it first"):
         inner.fit(*regression_data(), epochs=1, callbacks=[schedule], verbose=0)
+
+
+def test_stage_is_exact_with_several_steps_per_execution():
+    if keras.backend.backend() == "torch":
+        pytest.skip("PyTorch runs one step per execution")
+    model = make_model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss="mse", steps_per_execution=2
+    )
+    schedule = keras_raptr.StageSchedule.from_spec("2-4-6", total_steps=15)
+    logs = BatchLogs()
+    x, y = regression_data(n=8 * 15)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule, logs], verbose=0)
+    # One log per execution of two steps, carrying its last step's stage:
+    # steps 1, 3, ..., 13 and the lone step 14.
+    assert [int(l["stage"]) for l in logs.batches] == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert int(model.optimizer.iterations) == 15
