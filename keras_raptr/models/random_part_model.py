@@ -110,7 +110,12 @@ class RandomPartModel(keras.Model):
         self.inner = model
         self.seed = None if seed is None else int(seed)
         found = self.find_blocks(model) if blocks is None else blocks
-        self.blocks, given = self._wrap_blocks(model, found)
+        wrapped, given = self._wrap_blocks(model, found)
+        # Not tracked as sub-layers: the blocks (and their weights) belong to
+        # `inner` already, and the `RandomSkip` layers have no weights of
+        # their own. Tracking them would make every walk of the layer tree
+        # (Keras does several per PyTorch train step) visit each block twice.
+        object.__setattr__(self, "blocks", wrapped)
         # Names of the blocks as given (`None`: found by `find_blocks`), for
         # `get_config`.
         self._block_names = None if blocks is None else [b.name for b in given]
