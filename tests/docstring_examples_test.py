@@ -1,4 +1,4 @@
-"""Runs the `Example:` code blocks of the public docstrings."""
+"""Runs the `Example:` code blocks of the public docstrings and the README."""
 
 import re
 
@@ -26,3 +26,16 @@ def test_docstring_examples_run(name):
     for block in blocks:
         lines = [line[4:] if line.startswith("    ") else line for line in block.splitlines()]
         exec(compile("\n".join(lines), f"<{name} example>", "exec"), namespace)
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    import os
+
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(readme) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "<README example>", "exec"), namespace)
