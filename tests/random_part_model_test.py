@@ -400,3 +400,18 @@ def test_keras_hub_task_blocks_found_through_its_backbone():
     model = keras_raptr.RandomPartModel(task, seed=0)
     assert [s.block for s in model.blocks] == list(backbone.transformer_layers)
     assert keras_raptr.__version__
+
+
+def test_mixed_precision_with_dropout_and_inverse_scaling():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = make_model(dropout=0.1)
+        schedule = keras_raptr.StageSchedule(
+            [keras_raptr.Stage(3, 100)], sampling="subset", scaling="inverse"
+        )
+        before = block_weights(model)
+        one_step(model, schedule, regression_data())
+        assert len(changed_blocks(before, block_weights(model))) == 3
+        assert model.blocks[1].dtype_policy.name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
