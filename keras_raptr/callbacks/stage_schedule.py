@@ -256,7 +256,8 @@ class StageSchedule(keras.callbacks.Callback):
         # `batch` is the first step of the execution: with
         # `steps_per_execution > 1` a chunk that crosses into the full stage
         # still runs the gated step, which computes the stage exactly.
-        self._model._run_full = step >= self._full_from
+        # A plain attribute: no Keras tracking on this per-batch path.
+        object.__setattr__(self._model, "_run_full", step >= self._full_from)
 
     def get_config(self):
         return {

@@ -362,7 +362,7 @@ class RandomPartModel(keras.Model):
             # A distinct step function per variant: JAX caches traces by
             # function, and a bound `self.train_step` would be shared.
             def step(*args, _full=full, **kwargs):
-                self._tracing_full = _full
+                object.__setattr__(self, "_tracing_full", _full)
                 return type(self).train_step(self, *args, **kwargs)
 
             object.__setattr__(self, "train_step", step)
@@ -375,7 +375,7 @@ class RandomPartModel(keras.Model):
         def train_function(*args, **kwargs):
             full = self._run_full or self._plan is None
             # PyTorch looks `train_step` up at each call: tell it the variant.
-            self._tracing_full = full
+            object.__setattr__(self, "_tracing_full", full)
             return variants[full](*args, **kwargs)
 
         self.train_function = train_function
