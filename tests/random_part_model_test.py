@@ -413,3 +413,26 @@ def test_mixed_precision_with_dropout_and_inverse_scaling():
         assert model.blocks[1].dtype_policy.name == "mixed_bfloat16"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_pytorch_copies_the_path_to_the_host_once_per_step(monkeypatch):
+    if keras.backend.backend() != "torch":
+        pytest.skip("JAX and TensorFlow decide the path inside the compiled step")
+    import torch
+
+    model = make_model(num_blocks=8)
+    schedule = keras_raptr.StageSchedule([keras_raptr.Stage(4, 100)])
+    x, y = regression_data()
+    one_step(model, schedule, (x, y))
+    transfers = []
+    for name in ("cpu", "item", "__bool__", "numpy", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            transfers.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    data = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y))
+    model.train_function([data])  # one gated step, 6 free blocks
+    assert transfers == ["numpy"]
