@@ -47,6 +47,7 @@ class RandomPartModel(keras.Model):
     Attributes:
         inner: the wrapped model. Save or export it to get a plain model.
         blocks: list of the `RandomSkip` layers, in depth order.
+        schedule: the `StageSchedule` of the last `fit`, or `None`.
 
     Example:
 
