@@ -158,12 +158,14 @@ def test_trace_count_across_stages_and_fits():
 
     class Counting(keras_raptr.RandomPartModel):
         def train_step(self, *args, **kwargs):
-            traces.append(self._tracing_full)
+            traces.append(self._tracing_variant)
             return super().train_step(*args, **kwargs)
 
     inner, blocks = residual_mlp(6)
     model = Counting(inner, blocks=blocks, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    # Stage 0 runs only the fixed first and last blocks (a static path),
+    # stage 1 draws its path, stage 2 and after run the full network.
     schedule = keras_raptr.StageSchedule.from_spec("2-4-6", total_steps=12)
     x, y = regression_data()
     model.fit(x, y, batch_size=8, epochs=2, callbacks=[schedule], verbose=0)
@@ -172,11 +174,38 @@ def test_trace_count_across_stages_and_fits():
     # The same train function serves every stage and both `fit` calls.
     assert model.train_function is function
     if keras.backend.backend() == "torch":
-        # Eager: one call per step, 20 steps, the first 8 gated.
-        assert traces == [False] * 8 + [True] * 12
+        # Eager: one call per step, 20 steps.
+        assert traces == ["fixed"] * 4 + ["gated"] * 4 + ["full"] * 12
     else:
-        # One trace of the gated step, one of the full step.
-        assert traces == [False, True]
+        # One trace per kind of path, each on its first use.
+        assert traces == ["fixed", "gated", "full"]
+
+
+def test_static_and_drawn_paths_give_the_same_run():
+    # With two steps per execution, the execution that crosses from the
+    # fixed-only stage into a drawn one runs the gated step for both of its
+    # steps: the run must not change (same paths, same weights).
+    if keras.backend.backend() == "torch":
+        pytest.skip("PyTorch runs one step per execution")
+
+    def run(steps_per_execution):
+        model = make_model()
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.05),
+            loss="mse",
+            steps_per_execution=steps_per_execution,
+        )
+        schedule = keras_raptr.StageSchedule(
+            [keras_raptr.Stage(2, 3), keras_raptr.Stage(4, 6)], sampling="subset"
+        )
+        x, y = regression_data(n=8 * 9)
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+        return block_weights(model)
+
+    one, two = run(1), run(2)
+    for a, b in zip(one, two):
+        for wa, wb in zip(a, b):
+            np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
 
 
 def test_save_and_load_keras_file(tmp_path):
@@ -300,25 +329,35 @@ def test_find_blocks_can_be_overridden():
     ],
     ids=["momentum", "adamw"],
 )
-def test_off_path_blocks_keep_weights_and_optimizer_state(optimizer):
+@pytest.mark.parametrize("length", [2, 4], ids=["static", "drawn"])
+def test_off_path_blocks_keep_weights_and_optimizer_state(optimizer, length):
     # A block off the path is left out of the optimizer update (momentum and
-    # weight decay included), on JAX, TensorFlow and PyTorch alike.
+    # weight decay included), on JAX, TensorFlow and PyTorch alike, whether
+    # the path is drawn in the step or, at 2 of 6 with the first and last
+    # fixed, the same at every step.
     inner, blocks = residual_mlp(6)
     model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
     model.compile(optimizer=optimizer(), loss="mse")
     schedule = keras_raptr.StageSchedule(
-        [keras_raptr.Stage(6, 1), keras_raptr.Stage(2, 10)], sampling="subset"
+        [keras_raptr.Stage(6, 1), keras_raptr.Stage(length, 10)], sampling="subset"
     )
     data = regression_data()
     one_step(model, schedule, data)  # step 0: every block
-    slots = [np.array(v) for v in model.optimizer.variables if "block_2" in v.path]
-    assert slots  # the optimizer keeps state for block 2
+
+    def slots(i):
+        return [
+            np.array(v) for v in model.optimizer.variables if f"/block_{i}_" in v.path
+        ]
+
+    before_slots = [slots(i) for i in range(6)]
+    assert all(before_slots)  # the optimizer keeps state for every block
     before = block_weights(model)
-    one_step(model, schedule, data)  # step 1: blocks 0 and 5 only
-    assert changed_blocks(before, block_weights(model)) == [0, 5]
-    after = [np.array(v) for v in model.optimizer.variables if "block_2" in v.path]
-    for a, b in zip(slots, after):
-        np.testing.assert_array_equal(a, b)
+    one_step(model, schedule, data)  # step 1: `length` blocks
+    changed = changed_blocks(before, block_weights(model))
+    assert len(changed) == length and 0 in changed and 5 in changed
+    for i in set(range(6)) - set(changed):
+        for a, b in zip(before_slots[i], slots(i)):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])

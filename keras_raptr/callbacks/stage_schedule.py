@@ -83,15 +83,32 @@ class _Plan:
             "fixed": fixed,
         }
 
-    def full_from(self):
-        """The first step from which every step runs every block."""
-        start = sum(stage.steps for stage in self.stages)
-        for stage in reversed(self.stages):
-            length = schedules.sampled_path_length(stage.path_length, self.sampling)
-            if length < self.num_blocks:
-                break
-            start -= stage.steps
-        return start
+    def static_path(self, start, stop):
+        """The path every step in `[start, stop)` runs, if it is always the same.
+
+        Returns `"full"` (every block on: stages at the full length and every
+        step after the schedule), `"fixed"` (only the fixed blocks on: stages
+        whose length is the number of fixed blocks), or `None` when some step
+        in the range draws a random path.
+        """
+        kinds = set()
+        begin = 0
+        for stage in self.stages:
+            end = begin + stage.steps
+            if begin < stop and start < end:
+                kinds.add(self._stage_kind(stage))
+            begin = end
+        if stop > begin:
+            kinds.add("full")
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def _stage_kind(self, stage):
+        length = schedules.sampled_path_length(stage.path_length, self.sampling)
+        if length >= self.num_blocks:
+            return "full"
+        if length <= len(self.fixed_blocks):
+            return "fixed"
+        return None
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")
@@ -181,7 +198,7 @@ class StageSchedule(keras.callbacks.Callback):
         self.sampling = sampling
         self.scaling = scaling
         self._epoch_start_step = 0
-        self._full_from = None
+        self._plan = None
 
     @classmethod
     def from_spec(cls, spec, total_steps, **kwargs):
@@ -227,8 +244,9 @@ class StageSchedule(keras.callbacks.Callback):
         return _Plan(self.stages, fixed, self.sampling, self.scaling, num_blocks)
 
     # ------------------------------------------------------------------
-    # Callback hooks: bookkeeping on the host, to know when every block is
-    # on (the model then runs its plain, unconditional train step).
+    # Callback hooks: bookkeeping on the host, to know when the path is the
+    # same at every step (every block, or only the fixed ones): the model then
+    # runs a train step compiled for that path, with no conditionals.
 
     def set_model(self, model):
         from keras_raptr.models.random_part_model import RandomPartModel
@@ -239,7 +257,7 @@ class StageSchedule(keras.callbacks.Callback):
                 f"`fit` was called on {type(model).__name__} '{model.name}'. "
                 "Wrap it first: `model = keras_raptr.RandomPartModel(model)`."
             )
-        self._full_from = self._resolve(len(model.blocks)).full_from()
+        self._plan = self._resolve(len(model.blocks))
         super().set_model(model)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -252,12 +270,16 @@ class StageSchedule(keras.callbacks.Callback):
         self._update(batch)
 
     def _update(self, batch):
-        step = self._epoch_start_step + batch
+        start = self._epoch_start_step + batch
         # `batch` is the first step of the execution: with
-        # `steps_per_execution > 1` a chunk that crosses into the full stage
-        # still runs the gated step, which computes the stage exactly.
+        # `steps_per_execution > 1` the whole chunk must run the same static
+        # path, else the gated step runs it (it computes each step's stage
+        # exactly).
+        stop = start + max(1, int(getattr(self._model, "steps_per_execution", 1) or 1))
         # A plain attribute: no Keras tracking on this per-batch path.
-        object.__setattr__(self._model, "_run_full", step >= self._full_from)
+        object.__setattr__(
+            self._model, "_static_path", self._plan.static_path(start, stop)
+        )
 
     def get_config(self):
         return {

@@ -140,13 +140,14 @@ class RandomSkip(keras.layers.Layer):
                 "positionally."
             )
         on, scale = gate
-        backend = keras.backend.backend()
-        if backend == "jax":
-            return _jax_gated(self, block_call, on, scale, args, kwargs)
-        if backend == "torch":
+        if isinstance(on, bool):
+            # Known on the host (PyTorch, or a path that is the same at every
+            # step): a plain `if`, no conditional in the step.
             if not on:
                 return args[0]
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
+        if keras.backend.backend() == "jax":
+            return _jax_gated(self, block_call, on, scale, args, kwargs)
         return ops.cond(
             on,
             lambda: _residual(self, args[0], block_call(*args, **kwargs), scale),

@@ -14,6 +14,8 @@ are, and its update costs nothing.
 - TensorFlow: a `tf.cond` around the block's update ops.
 - PyTorch: the path is known on the host; the off-path blocks' (absent)
   gradients are dropped before the optimizer sees them.
+- A gate that is a Python bool (PyTorch, or a path that is the same at every
+  step of a stage) decides when tracing: no conditional at all.
 """
 
 import contextlib
@@ -29,16 +31,15 @@ def skip_off_path_updates(optimizer, groups, gates):
     Args:
         optimizer: the model's `keras.optimizers.Optimizer`.
         groups: list, per block, of its trainable variables.
-        gates: list, per block, of a scalar boolean tensor (a Python bool on
-            PyTorch).
+        gates: list, per block, of a scalar boolean tensor, or a Python bool
+            when the path is known on the host (always on PyTorch).
     """
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     owner = {id(v): i for i, variables in enumerate(groups) for v in variables}
     backend = keras.backend.backend()
-    if backend == "torch":
-        overrides = {"_filter_empty_gradients": _torch_filter(optimizer, owner, gates)}
-    else:
-        overrides = _graph_overrides(optimizer, owner, gates, backend)
+    overrides = {"_filter_empty_gradients": _filter_absent(optimizer, owner, gates)}
+    if backend != "torch":
+        overrides.update(_graph_overrides(optimizer, owner, gates, backend))
     for name, function in overrides.items():
         object.__setattr__(optimizer, name, function)
     try:
@@ -48,14 +49,15 @@ def skip_off_path_updates(optimizer, groups, gates):
             object.__delattr__(optimizer, name)
 
 
-def _torch_filter(optimizer, owner, gates):
+def _filter_absent(optimizer, owner, gates):
+    """Drops the absent gradients of blocks known to be off (no warning)."""
     original = optimizer._filter_empty_gradients
 
     def filter_empty_gradients(grads, variables):
         kept = [
             (g, v)
             for g, v in zip(grads, variables)
-            if not (g is None and id(v) in owner and not gates[owner[id(v)]])
+            if not (g is None and id(v) in owner and gates[owner[id(v)]] is False)
         ]
         return original([g for g, _ in kept], [v for _, v in kept])
 
@@ -86,7 +88,11 @@ def _graph_overrides(optimizer, owner, gates, backend):
                 apply_weight_decay(block_vars)
                 update_step(block_grads, block_vars, learning_rate)
 
-            if backend == "jax":
+            if isinstance(gates[i], bool):
+                # Known when tracing: update or not, no conditional.
+                if gates[i]:
+                    update()
+            elif backend == "jax":
                 _jax_cond_update(gates[i], update, list(optimizer.variables) + block_vars)
             else:
                 _tf_cond_update(gates[i], update)

@@ -28,9 +28,10 @@ class RandomPartModel(keras.Model):
     right stage. Without a schedule, and always in `evaluate`, `predict` and
     `model(x)`, the full network runs: the output equals `model.inner(x)`.
 
-    The compiled train step is built at most twice per schedule: once for the
-    stages that sample a path, and once for the stages in which every block is
-    on (there it is the plain network, without any conditional).
+    The compiled train step is built at most three times per schedule, each
+    on first use: for the stages that sample a path; for the stages in which
+    every block is on (the plain network, without any conditional); and for
+    stages that run only the fixed blocks (the others left out entirely).
 
     Args:
         model: `keras.Model` or `keras.layers.Layer`. The model to wrap.
@@ -127,8 +128,10 @@ class RandomPartModel(keras.Model):
         # model's blocks (`None`: train the full network).
         self._schedule = None
         self._plan = None
-        # True while the next train step may run the plain network.
-        self._run_full = True
+        # The path of the next train step when it is known on the host, set by
+        # the schedule: "full" (the plain network), "fixed" (only the fixed
+        # blocks), or `None` (drawn in the step).
+        object.__setattr__(self, "_static_path", "full")
         # Set while a gated train step is traced (JAX, TensorFlow) or run
         # (PyTorch): the per-block `(on, scale)` gates of the step's path.
         object.__setattr__(self, "_gates", None)
@@ -309,10 +312,22 @@ class RandomPartModel(keras.Model):
             "Could not find the optimizer's step counter in the JAX train state."
         )
 
-    def _draw_path(self, stage, args):
-        """Samples the step's gates; on JAX, threads the seed through `args`."""
+    def _draw_path(self, stage, args, sample=True):
+        """Samples the step's gates; on JAX, threads the seed through `args`.
+
+        With `sample=False` the seed only advances (one draw, as a sampled
+        step would take), so the sequence of paths does not depend on which
+        steps ran a static path.
+        """
+
+        def draw():
+            if sample:
+                return self._sample_gates(stage)
+            self._path_seed_generator.next()
+            return None
+
         if keras.backend.backend() != "jax":
-            return args, self._sample_gates(stage)
+            return args, draw()
         seed = self._path_seed_generator.state
         (trainable, non_trainable, optimizer_vars, metrics_vars), *rest = args
         non_trainable = list(non_trainable)
@@ -320,7 +335,7 @@ class RandomPartModel(keras.Model):
             i for i, v in enumerate(self.non_trainable_variables) if v is seed
         )
         with keras.StatelessScope(state_mapping=[(seed, non_trainable[index])]) as scope:
-            gates = self._sample_gates(stage)
+            gates = draw()
             non_trainable[index] = scope.get_current_value(seed)
         state = (trainable, non_trainable, optimizer_vars, metrics_vars)
         return (state, *rest), gates
@@ -329,12 +344,23 @@ class RandomPartModel(keras.Model):
         if self._plan is None:
             return super().train_step(*args, **kwargs)
         stage = self._stage(self._optimizer_step(args))
-        if self._tracing_full:
+        variant = self._tracing_variant
+        if variant == "full":
             result = super().train_step(*args, **kwargs)
         else:
-            # One path per step, drawn before the forward pass so that the
-            # optimizer can skip the same blocks.
-            args, gates = self._draw_path(stage, args)
+            if variant == "fixed":
+                # Only the fixed blocks: the others are off, known when
+                # tracing, so they are left out of the step altogether.
+                args, _ = self._draw_path(stage, args, sample=False)
+                fixed = self._plan.fixed_blocks
+                gates = [
+                    None if i in fixed else (False, None)
+                    for i in range(len(self.blocks))
+                ]
+            else:
+                # One path per step, drawn before the forward pass so that
+                # the optimizer can skip the same blocks.
+                args, gates = self._draw_path(stage, args)
             object.__setattr__(self, "_gates", gates)
             try:
                 with skip_off_path_updates(
@@ -358,12 +384,15 @@ class RandomPartModel(keras.Model):
             and key == self._train_function_key
         ):
             return self.train_function
+        # One train function per kind of path: "gated" (drawn in the step),
+        # "full" and "fixed" (known on the host; no conditionals). Each is
+        # compiled on its first use only.
         variants = {}
-        for full in (True, False):
+        for variant in ("full", "fixed", "gated"):
             # A distinct step function per variant: JAX caches traces by
             # function, and a bound `self.train_step` would be shared.
-            def step(*args, _full=full, **kwargs):
-                object.__setattr__(self, "_tracing_full", _full)
+            def step(*args, _variant=variant, **kwargs):
+                object.__setattr__(self, "_tracing_variant", _variant)
                 return type(self).train_step(self, *args, **kwargs)
 
             object.__setattr__(self, "train_step", step)
@@ -371,19 +400,19 @@ class RandomPartModel(keras.Model):
                 super().make_train_function(force=True)
             finally:
                 object.__delattr__(self, "train_step")
-            variants[full] = self.train_function
+            variants[variant] = self.train_function
 
         def train_function(*args, **kwargs):
-            full = self._run_full or self._plan is None
+            variant = "full" if self._plan is None else self._static_path or "gated"
             # PyTorch looks `train_step` up at each call: tell it the variant.
-            object.__setattr__(self, "_tracing_full", full)
-            return variants[full](*args, **kwargs)
+            object.__setattr__(self, "_tracing_variant", variant)
+            return variants[variant](*args, **kwargs)
 
         self.train_function = train_function
         self._train_function_key = key
         return train_function
 
-    _tracing_full = True
+    _tracing_variant = "full"
 
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
@@ -396,7 +425,7 @@ class RandomPartModel(keras.Model):
         if schedule is None:
             self._schedule = None
             self._plan = None
-            self._run_full = True
+            object.__setattr__(self, "_static_path", "full")
             return
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and getattr(
@@ -429,7 +458,7 @@ class RandomPartModel(keras.Model):
         )
         object.__setattr__(self, "_free_variables", None)
         self._schedule = schedule
-        self._run_full = False
+        object.__setattr__(self, "_static_path", None)
 
     # ------------------------------------------------------------------
     # Serialization.
