@@ -5,7 +5,10 @@ trained (Adam, MSE on the last hidden states) as:
 
 - a `RandomPartModel` over all L blocks, trained with a one-stage
   `StageSchedule` of path length l (`sampling="subset"`: exactly l blocks a
-  step, the first and last fixed), for l = L/4, L/2, L;
+  step, the first and last fixed), for l = L/4, L/2, L (or `--lengths`).
+  With two fixed blocks, l = 2 is a path that is the same at every step (it
+  runs a train step compiled for it, with no conditionals); with
+  `--fixed-blocks none` every block is drawn, and every l draws its path;
 - a plain Keras model built with exactly l blocks of the same widths.
 
 Both run through `model.fit`, interleaved round by round in one process, so
@@ -19,10 +22,13 @@ Usage:
     python benchmarks/step_time.py                   # every backend
     python benchmarks/step_time.py --backends jax    # one
     python benchmarks/step_time.py --quick           # a smoke run
+    python benchmarks/step_time.py --backends jax --fixed-blocks none \
+        --lengths 2,4 --tag drawn                      # paths drawn every step
 
 Writes `benchmarks/results/step_time_<backend>.json` per backend and
 `benchmarks/results/step_time.md` (a table of every backend in the results);
-with `--optimizer sgd`, the same names ending in `_sgd`.
+with `--optimizer sgd`, the same names ending in `_sgd`, and with `--tag NAME`
+(for example the accelerator's name), ending in `_NAME`.
 """
 
 import argparse
@@ -48,13 +54,25 @@ def parse_args(argv=None):
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10, help="steps per round")
+    parser.add_argument(
+        "--lengths", default="",
+        help="comma-separated path lengths to time (default: L/4, L/2 and L)",
+    )
+    parser.add_argument(
+        "--fixed-blocks", default="0,-1",
+        help="the schedule's fixed blocks, comma-separated, or 'none'",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
         "--optimizer", choices=("adam", "sgd"), default="adam",
         help="sgd (no momentum) leaves out the optimizer's per-weight cost",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps")
+    parser.add_argument(
+        "--tag", default="",
+        help="appended to the result file names, e.g. the accelerator's name",
+    )
     parser.add_argument("--output-dir", default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -88,7 +106,9 @@ def build(args, num_blocks, random_part, path_length=None):
         model = keras_raptr.RandomPartModel(model, blocks=blocks, seed=0)
         callbacks.append(
             keras_raptr.StageSchedule(
-                [keras_raptr.Stage(path_length, 10**9)], sampling="subset"
+                [keras_raptr.Stage(path_length, 10**9)],
+                fixed_blocks=_fixed_blocks(args),
+                sampling="subset",
             )
         )
     optimizer = (
@@ -125,7 +145,10 @@ def run_child(args):
     x = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
     y = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
     num_blocks = args.num_blocks
-    lengths = sorted({max(2, num_blocks // 4), max(2, num_blocks // 2), num_blocks})
+    if args.lengths:
+        lengths = sorted({int(n) for n in args.lengths.split(",")})
+    else:
+        lengths = sorted({max(2, num_blocks // 4), max(2, num_blocks // 2), num_blocks})
     variants = []
     for length in lengths:
         variants.append((f"plain_{length}", length, build(args, length, False)))
@@ -176,6 +199,7 @@ def run_child(args):
         },
         "optimizer": args.optimizer,
         "sampling": "subset",
+        "fixed_blocks": list(_fixed_blocks(args)),
         "rows": rows,
     }
     os.makedirs(args.output_dir, exist_ok=True)
@@ -185,8 +209,19 @@ def run_child(args):
     print(json.dumps(result))
 
 
+def _fixed_blocks(args):
+    if args.fixed_blocks.strip().lower() == "none":
+        return ()
+    return tuple(int(i) for i in args.fixed_blocks.split(","))
+
+
+def _fixed_text(fixed):
+    return ", ".join(str(i) for i in fixed) if fixed else "none"
+
+
 def _suffix(args):
-    return "" if args.optimizer == "adam" else f"_{args.optimizer}"
+    suffix = "" if args.optimizer == "adam" else f"_{args.optimizer}"
+    return suffix + (f"_{args.tag}" if args.tag else "")
 
 
 def _device(backend):
@@ -211,14 +246,15 @@ def _device(backend):
 
 def table(results):
     lines = [
-        "| backend | device | optimizer | path length | plain ms/step | RaPTr ms/step | ratio | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | device | optimizer | fixed blocks | path length | plain ms/step | RaPTr ms/step | ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for row in result["rows"]:
             mark = "ok" if row["meets_target"] else "missed"
             lines.append(
                 f"| {result['backend']} | {result['device']} | {result['optimizer']} | "
+                f"{_fixed_text(result.get('fixed_blocks', [0, -1]))} | "
                 f"{row['path_length']} of "
                 f"{result['config']['num_blocks']} | {row['plain_ms']} | "
                 f"{row['raptr_ms']} | {row['ratio']:.3f} | "
