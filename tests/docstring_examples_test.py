@@ -1,13 +1,17 @@
 """Runs the `Example:` code blocks of the public docstrings and the README."""
 
 import re
+import textwrap
 
 import pytest
 
 import keras_raptr
+from keras_raptr.models.random_part_task import RandomPartTask
 
 PUBLIC = {
     "RandomPartModel": keras_raptr.RandomPartModel,
+    "RandomPartModel.from_preset": keras_raptr.RandomPartModel.from_preset,
+    "RandomPartTask": RandomPartTask,
     "RandomSkip": keras_raptr.layers.RandomSkip,
     "Stage": keras_raptr.Stage,
     "StageSchedule": keras_raptr.StageSchedule,
@@ -19,13 +23,14 @@ def code_blocks(obj):
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))
-def test_docstring_examples_run(name):
+def test_docstring_examples_run(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write files
     blocks = code_blocks(PUBLIC[name])
     assert blocks, f"{name} has no example"
     namespace = {}
     for block in blocks:
-        lines = [line[4:] if line.startswith("    ") else line for line in block.splitlines()]
-        exec(compile("\n".join(lines), f"<{name} example>", "exec"), namespace)
+        code = textwrap.dedent(block)
+        exec(compile(code, f"<{name} example>", "exec"), namespace)
 
 
 def test_readme_examples_run(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 import keras_raptr
+from hub_models import bert_backbone
 from toy_models import block_weights
 from toy_models import changed_blocks
 from toy_models import regression_data
@@ -249,22 +250,8 @@ def test_get_config_round_trip():
     assert [s.block.name for s in clone.blocks] == config["blocks"]
 
 
-def tiny_bert(num_layers):
-    """A keras-hub BERT backbone built from config (no download)."""
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=num_layers,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-    )
-
-
 def test_keras_hub_backbone_blocks_found():
-    backbone = tiny_bert(3)
+    backbone = bert_backbone(3)
     model = keras_raptr.RandomPartModel(backbone)
     assert [s.block for s in model.blocks] == list(backbone.transformer_layers)
     inputs = {
@@ -430,7 +417,7 @@ def test_fit_again_does_not_rebuild_the_model_symbolically():
 def test_keras_hub_task_blocks_found_through_its_backbone():
     import keras_hub
 
-    backbone = tiny_bert(2)
+    backbone = bert_backbone(2)
     task = keras_hub.models.BertTextClassifier(
         backbone, num_classes=2, preprocessor=None
     )

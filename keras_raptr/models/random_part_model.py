@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_raptr.layers.random_skip import RandomSkip
 from keras_raptr.layers.random_skip import wrapper_of
+from keras_raptr.models import _presets
 from keras_raptr.models._optimizer_gate import skip_off_path_updates
 
 
@@ -98,6 +99,15 @@ class RandomPartModel(keras.Model):
         Subnetworks", ICLR 2025 (arXiv 2402.05913).
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        if cls is RandomPartModel and _presets.is_keras_hub_task(model):
+            # Around a keras-hub task: keep its preprocessing, compile
+            # defaults, `generate()` and `save_to_preset()`.
+            from keras_raptr.models.random_part_task import RandomPartTask
+
+            cls = RandomPartTask
+        return super().__new__(cls, model, *args, **kwargs)
+
     def __init__(self, model, blocks=None, seed=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, keras.layers.Layer):
@@ -138,6 +148,75 @@ class RandomPartModel(keras.Model):
         self._train_function_key = None
         if getattr(model, "built", False):
             self.built = True
+
+    @classmethod
+    def from_preset(
+        cls, preset, task=None, load_weights=True, blocks=None, seed=None, **kwargs
+    ):
+        """Loads a keras-hub preset and wraps its transformer blocks.
+
+        Args:
+            preset: str. A keras-hub preset name (`"bert_base_en_uncased"`), a
+                handle (`"kaggle://..."`, `"hf://..."`), or a local preset
+                directory (as written by `save_to_preset`).
+            task: optional keras-hub task class (`keras_hub.models.GPT2CausalLM`,
+                or a `keras_nlp.models` one) or its name (`"GPT2CausalLM"`).
+                `None` loads the backbone alone.
+            load_weights: bool. `False` builds the model from the preset's
+                config with freshly initialized weights.
+            blocks: optional list of blocks, as for `RandomPartModel`.
+            seed: optional int, as for `RandomPartModel`.
+            **kwargs: passed to keras-hub's `from_preset` (for example
+                `preprocessor=None`, `dtype=`, or a task's
+                `sequence_length=`).
+
+        Returns:
+            A `RandomPartModel` (a `RandomPartTask` for a task: it keeps the
+            task's preprocessing, compile defaults, `generate()` and
+            `save_to_preset()`).
+
+        Raises:
+            FileNotFoundError: a local preset directory that does not exist.
+            OSError: a preset that is not on this machine and could not be
+                downloaded.
+            ValueError: an unknown preset or task name (the message lists the
+                valid task names), or a model whose blocks cannot be found.
+
+        Example (offline, from a preset saved locally):
+
+        ```python
+        import keras_hub
+        import keras_raptr
+
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=16, num_layers=4, num_heads=2, hidden_dim=8,
+            intermediate_dim=16, max_sequence_length=8,
+        )
+        backbone.save_to_preset("./tiny_gpt2")
+        model = keras_raptr.RandomPartModel.from_preset("./tiny_gpt2", seed=0)
+        assert len(model.blocks) == 4
+        ```
+        """
+        keras_hub = _presets.import_keras_hub()
+        task_cls = _presets.resolve_task(keras_hub, task)
+        model = _presets.load(keras_hub, preset, task_cls, load_weights, kwargs)
+        return cls(model, blocks=blocks, seed=seed)
+
+    def save_to_preset(self, preset_dir, **kwargs):
+        """Saves the wrapped keras-hub model as a plain keras-hub preset.
+
+        The same as `model.inner.save_to_preset(preset_dir)`: the preset holds
+        the trained weights and loads with keras-hub alone, as an ordinary
+        model (keras-raptr is not needed to load it).
+        """
+        save = getattr(self.inner, "save_to_preset", None)
+        if save is None:
+            raise ValueError(
+                f"The wrapped model {type(self.inner).__name__} '{self.inner.name}' "
+                "is not a keras-hub backbone or task, so it has no preset "
+                "format. Save it with `model.inner.save(path)` instead."
+            )
+        return save(preset_dir, **kwargs)
 
     def find_blocks(self, model):
         """Returns the residual blocks of `model`, in depth order.
