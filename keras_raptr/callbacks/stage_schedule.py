@@ -35,11 +35,13 @@ import numpy as np
 from keras import ops
 
 from keras_raptr import schedules
+from keras_raptr.callbacks._strategy import PathStrategy
+from keras_raptr.callbacks._strategy import Plan
 from keras_raptr.schedules import Stage
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Plan(Plan):
     """A schedule resolved for a model with a given number of blocks."""
 
     stages: tuple
@@ -61,9 +63,9 @@ class _Plan:
         blocks on the path per stage, for `subset` sampling), `lengths`
         (expected path length per stage), `fixed` (mask of fixed blocks).
         """
+        tables = super().tables()
+        fixed = tables["fixed"]
         num_fixed = len(self.fixed_blocks)
-        fixed = np.zeros(self.num_blocks, dtype=bool)
-        fixed[list(self.fixed_blocks)] = True
         lengths = [stage.path_length for stage in self.stages] + [
             float(self.num_blocks)
         ]
@@ -75,21 +77,36 @@ class _Plan:
             keep[s, ~fixed] = schedules.keep_probability(
                 length, self.num_blocks, num_fixed
             )
-        return {
-            "ends": np.asarray(schedules.stage_boundaries(self.stages), "int32"),
-            "keep": keep,
-            "counts": counts,
-            "lengths": np.asarray(lengths, "float32"),
-            "fixed": fixed,
-        }
+        tables.update(
+            {
+                "ends": np.asarray(schedules.stage_boundaries(self.stages), "int32"),
+                "keep": keep,
+                "counts": counts,
+                "lengths": np.asarray(lengths, "float32"),
+            }
+        )
+        return tables
+
+    def _stage(self, step, tables):
+        step = ops.cast(step, "int32")
+        return ops.sum(ops.cast(ops.greater_equal(step, tables["ends"]), "int32"))
+
+    def keep(self, step, tables):
+        return ops.take(tables["keep"], self._stage(step, tables), axis=0)
+
+    def count(self, step, tables):
+        return ops.take(tables["counts"], self._stage(step, tables))
+
+    def logs(self, step, tables):
+        stage = self._stage(step, tables)
+        return {"stage": stage, "path_length": ops.take(tables["lengths"], stage)}
 
     def static_path(self, start, stop):
-        """The path every step in `[start, stop)` runs, if it is always the same.
+        """The path of every step in `[start, stop)`, if it is always the same.
 
-        Returns `"full"` (every block on: stages at the full length and every
-        step after the schedule), `"fixed"` (only the fixed blocks on: stages
-        whose length is the number of fixed blocks), or `None` when some step
-        in the range draws a random path.
+        Every block (stages at the full length, and every step after the
+        schedule), or only the fixed blocks (stages whose length is the
+        number of fixed blocks); `None` when some step draws its path.
         """
         kinds = set()
         begin = 0
@@ -100,7 +117,12 @@ class _Plan:
             begin = end
         if stop > begin:
             kinds.add("full")
-        return kinds.pop() if len(kinds) == 1 else None
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if kind == "full":
+            return self.full_path()
+        if kind == "fixed":
+            return self.fixed_path()
+        return None
 
     def _stage_kind(self, stage):
         length = schedules.sampled_path_length(stage.path_length, self.sampling)
@@ -112,7 +134,7 @@ class _Plan:
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")
-class StageSchedule(keras.callbacks.Callback):
+class StageSchedule(PathStrategy):
     """Grows the random path of a `RandomPartModel` stage by stage in `fit`.
 
     Each `Stage(path_length, steps)` lasts `steps` optimizer steps. The stage
@@ -197,8 +219,6 @@ class StageSchedule(keras.callbacks.Callback):
         self.fixed_blocks = tuple(fixed_blocks)
         self.sampling = sampling
         self.scaling = scaling
-        self._epoch_start_step = 0
-        self._plan = None
 
     @classmethod
     def from_spec(cls, spec, total_steps, **kwargs):
@@ -242,44 +262,6 @@ class StageSchedule(keras.callbacks.Callback):
         fixed = schedules.normalize_fixed_blocks(self.fixed_blocks, num_blocks)
         schedules.check_stages(self.stages, num_blocks, len(fixed))
         return _Plan(self.stages, fixed, self.sampling, self.scaling, num_blocks)
-
-    # ------------------------------------------------------------------
-    # Callback hooks: bookkeeping on the host, to know when the path is the
-    # same at every step (every block, or only the fixed ones): the model then
-    # runs a train step compiled for that path, with no conditionals.
-
-    def set_model(self, model):
-        from keras_raptr.models.random_part_model import RandomPartModel
-
-        if not isinstance(model, RandomPartModel):
-            raise ValueError(
-                "`StageSchedule` trains a `keras_raptr.RandomPartModel`, but "
-                f"`fit` was called on {type(model).__name__} '{model.name}'. "
-                "Wrap it first: `model = keras_raptr.RandomPartModel(model)`."
-            )
-        self._plan = self._resolve(len(model.blocks))
-        super().set_model(model)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        # `self.model` syncs the JAX state, so the counter is current.
-        iterations = self.model.optimizer.iterations
-        self._epoch_start_step = int(ops.convert_to_numpy(iterations))
-        self._update(0)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._update(batch)
-
-    def _update(self, batch):
-        start = self._epoch_start_step + batch
-        # `batch` is the first step of the execution: with
-        # `steps_per_execution > 1` the whole chunk must run the same static
-        # path, else the gated step runs it (it computes each step's stage
-        # exactly).
-        stop = start + max(1, int(getattr(self._model, "steps_per_execution", 1) or 1))
-        # A plain attribute: no Keras tracking on this per-batch path.
-        object.__setattr__(
-            self._model, "_static_path", self._plan.static_path(start, stop)
-        )
 
     def get_config(self):
         return {

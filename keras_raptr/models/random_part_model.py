@@ -134,14 +134,14 @@ class RandomPartModel(keras.Model):
         self._path_seed_generator = keras.random.SeedGenerator(
             self.seed, name="path_seed_generator"
         )
-        # The `StageSchedule` of the last `fit`, and it resolved for this
-        # model's blocks (`None`: train the full network).
+        # The strategy (`StageSchedule`, ...) of the last `fit`, and it
+        # resolved for this model's blocks (`None`: train the full network).
         self._schedule = None
         self._plan = None
         # The path of the next train step when it is known on the host, set by
-        # the schedule: "full" (the plain network), "fixed" (only the fixed
-        # blocks), or `None` (drawn in the step).
-        object.__setattr__(self, "_static_path", "full")
+        # the strategy: a tuple of bools (block on or off; all on is the
+        # plain network), or `None` (drawn in the step).
+        object.__setattr__(self, "_static_path", None)
         # Set while a gated train step is traced (JAX, TensorFlow) or run
         # (PyTorch): the per-block `(on, scale)` gates of the step's path.
         object.__setattr__(self, "_gates", None)
@@ -286,7 +286,7 @@ class RandomPartModel(keras.Model):
 
     @property
     def schedule(self):
-        """The `StageSchedule` of the last `fit`, or `None`."""
+        """The strategy (`StageSchedule`, ...) of the last `fit`, or `None`."""
         return self._schedule
 
     def call(self, inputs, training=None, **kwargs):
@@ -305,16 +305,7 @@ class RandomPartModel(keras.Model):
     # ------------------------------------------------------------------
     # The path, inside the compiled step.
 
-    def _stage(self, step):
-        ends = self._plan_tensors["ends"]
-        step = ops.cast(step, "int32")
-        return ops.sum(ops.cast(ops.greater_equal(step, ends), "int32"))
-
-    def _stage_logs(self, stage):
-        lengths = self._plan_tensors["lengths"]
-        return {"stage": stage, "path_length": ops.take(lengths, stage)}
-
-    def _sample_gates(self, stage):
+    def _sample_gates(self, step):
         """Per-block gates for the step: one draw for the whole batch.
 
         Returns, per block, `None` for a fixed block, else `(on, scale)`: a
@@ -324,7 +315,7 @@ class RandomPartModel(keras.Model):
         tables = self._plan_tensors
         plan = self._plan
         num_blocks = len(self.blocks)
-        keep = ops.take(tables["keep"], stage, axis=0)
+        keep = plan.keep(step, tables)
         fixed = tables["fixed"]
         uniform = keras.random.uniform(
             (num_blocks,), seed=self._path_seed_generator, dtype="float32"
@@ -333,7 +324,7 @@ class RandomPartModel(keras.Model):
             on = ops.logical_or(fixed, ops.less(uniform, keep))
         else:
             # Exactly `count` free blocks: those with the smallest draws.
-            count = ops.take(tables["counts"], stage)
+            count = plan.count(step, tables)
             draws = ops.where(fixed, 2.0, uniform)
             rank = ops.sum(
                 ops.cast(ops.less(draws[None, :], draws[:, None]), "int32"), axis=1
@@ -391,7 +382,7 @@ class RandomPartModel(keras.Model):
             "Could not find the optimizer's step counter in the JAX train state."
         )
 
-    def _draw_path(self, stage, args, sample=True):
+    def _draw_path(self, step, args, sample=True):
         """Samples the step's gates; on JAX, threads the seed through `args`.
 
         With `sample=False` the seed only advances (one draw, as a sampled
@@ -401,7 +392,7 @@ class RandomPartModel(keras.Model):
 
         def draw():
             if sample:
-                return self._sample_gates(stage)
+                return self._sample_gates(step)
             self._path_seed_generator.next()
             return None
 
@@ -422,24 +413,24 @@ class RandomPartModel(keras.Model):
     def train_step(self, *args, **kwargs):
         if self._plan is None:
             return super().train_step(*args, **kwargs)
-        stage = self._stage(self._optimizer_step(args))
-        variant = self._tracing_variant
-        if variant == "full":
+        step = self._optimizer_step(args)
+        path = self._tracing_variant
+        if path is not None and all(path):
             result = super().train_step(*args, **kwargs)
         else:
-            if variant == "fixed":
-                # Only the fixed blocks: the others are off, known when
-                # tracing, so they are left out of the step altogether.
-                args, _ = self._draw_path(stage, args, sample=False)
+            if path is not None:
+                # A static path: the blocks off it are known when tracing,
+                # so they are left out of the step altogether.
+                args, _ = self._draw_path(step, args, sample=False)
                 fixed = self._plan.fixed_blocks
                 gates = [
-                    None if i in fixed else (False, None)
-                    for i in range(len(self.blocks))
+                    None if i in fixed else (bool(on), None)
+                    for i, on in enumerate(path)
                 ]
             else:
                 # One path per step, drawn before the forward pass so that
                 # the optimizer can skip the same blocks.
-                args, gates = self._draw_path(stage, args)
+                args, gates = self._draw_path(step, args)
             object.__setattr__(self, "_gates", gates)
             try:
                 with skip_off_path_updates(
@@ -450,10 +441,11 @@ class RandomPartModel(keras.Model):
                     result = super().train_step(*args, **kwargs)
             finally:
                 object.__setattr__(self, "_gates", None)
+        logs = self._plan.logs(step, self._plan_tensors)
         if keras.backend.backend() == "jax":
-            logs, state = result
-            return {**logs, **self._stage_logs(stage)}, state
-        return {**result, **self._stage_logs(stage)}
+            result_logs, state = result
+            return {**result_logs, **logs}, state
+        return {**result, **logs}
 
     def make_train_function(self, force=False):
         key = None if self._plan is None else self._plan.key
@@ -463,35 +455,44 @@ class RandomPartModel(keras.Model):
             and key == self._train_function_key
         ):
             return self.train_function
-        # One train function per kind of path: "gated" (drawn in the step),
-        # "full" and "fixed" (known on the host; no conditionals). Each is
-        # compiled on its first use only.
+        # One train function per kind of path: `None` (drawn in the step)
+        # or a static path (a tuple of bools: every block for the plain
+        # network, or a fixed set), made and compiled on first use.
         variants = {}
-        for variant in ("full", "fixed", "gated"):
-            # A distinct step function per variant: JAX caches traces by
-            # function, and a bound `self.train_step` would be shared.
-            def step(*args, _variant=variant, **kwargs):
-                object.__setattr__(self, "_tracing_variant", _variant)
-                return type(self).train_step(self, *args, **kwargs)
 
-            object.__setattr__(self, "train_step", step)
-            try:
-                super().make_train_function(force=True)
-            finally:
-                object.__delattr__(self, "train_step")
-            variants[variant] = self.train_function
+        def variant(path):
+            if path not in variants:
+                # A distinct step function per variant: JAX caches traces by
+                # function, and a bound `self.train_step` would be shared.
+                def step(*args, **kwargs):
+                    object.__setattr__(self, "_tracing_variant", path)
+                    return type(self).train_step(self, *args, **kwargs)
+
+                dispatcher = self.train_function
+                object.__setattr__(self, "train_step", step)
+                try:
+                    super(RandomPartModel, self).make_train_function(force=True)
+                    variants[path] = self.train_function
+                finally:
+                    object.__delattr__(self, "train_step")
+                    self.train_function = dispatcher
+            return variants[path]
 
         def train_function(*args, **kwargs):
-            variant = "full" if self._plan is None else self._static_path or "gated"
+            if self._plan is None:
+                path = (True,) * len(self.blocks)
+            else:
+                path = self._static_path
+            function = variant(path)
             # PyTorch looks `train_step` up at each call: tell it the variant.
-            object.__setattr__(self, "_tracing_variant", variant)
-            return variants[variant](*args, **kwargs)
+            object.__setattr__(self, "_tracing_variant", path)
+            return function(*args, **kwargs)
 
         self.train_function = train_function
         self._train_function_key = key
         return train_function
 
-    _tracing_variant = "full"
+    _tracing_variant = None
 
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
@@ -500,11 +501,11 @@ class RandomPartModel(keras.Model):
         return super().fit(*args, **kwargs)
 
     def _attach(self, schedule):
-        """Attaches a `StageSchedule` (or `None`: train the full network)."""
+        """Attaches a strategy (or `None`: train the full network)."""
         if schedule is None:
             self._schedule = None
             self._plan = None
-            object.__setattr__(self, "_static_path", "full")
+            object.__setattr__(self, "_static_path", None)
             return
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and getattr(
@@ -513,14 +514,15 @@ class RandomPartModel(keras.Model):
             None,
         ):
             raise ValueError(
-                "`StageSchedule` does not support an optimizer with "
+                f"`{type(schedule).__name__}` does not support an optimizer with "
                 "`gradient_accumulation_steps`: each step draws its own path, "
                 "so accumulated micro-batches would train different blocks. "
                 "Use a larger batch instead."
             )
         if keras.backend.backend() == "torch" and getattr(self, "jit_compile", False):
             raise ValueError(
-                "`StageSchedule` does not support `jit_compile=True` on PyTorch: "
+                f"`{type(schedule).__name__}` does not support `jit_compile=True` "
+                "on PyTorch: "
                 "`torch.compile` would recompile the train step for each new "
                 "path. Compile the model with `jit_compile=False`."
             )
@@ -574,15 +576,16 @@ class RandomPartModel(keras.Model):
 
 
 def _find_schedule(callbacks):
-    from keras_raptr.callbacks.stage_schedule import StageSchedule
+    from keras_raptr.callbacks._strategy import PathStrategy
 
     if callbacks is None:
         return None
     if isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks = callbacks.callbacks
-    found = [cb for cb in callbacks if isinstance(cb, StageSchedule)]
+    found = [cb for cb in callbacks if isinstance(cb, PathStrategy)]
     if len(found) > 1:
+        names = ", ".join(type(cb).__name__ for cb in found)
         raise ValueError(
-            f"`fit` got {len(found)} `StageSchedule` callbacks; pass one."
+            f"`fit` got {len(found)} path strategies ({names}); pass one."
         )
     return found[0] if found else None
