@@ -233,3 +233,75 @@ def check_stages(stages, num_blocks, num_fixed):
                 f"Use a path length of at least {num_fixed}, or fewer "
                 "`fixed_blocks`."
             )
+
+
+# ----------------------------------------------------------------------
+# Progressive layer dropping and stochastic depth: keep probabilities as
+# pure functions of the step and the block's depth.
+
+
+def pld_theta(step, theta_bar, gamma):
+    """PLD's global keep probability at `step`: `(1 - θ̄) e^(-γ t) + θ̄`."""
+    return (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
+
+
+def depth_keep_probabilities(theta, num_blocks):
+    """Keep probability of block `i` (1-based depth): `1 - (i / L)(1 - θ)`."""
+    return [1.0 - (i / num_blocks) * (1.0 - theta) for i in range(1, num_blocks + 1)]
+
+
+def pld_compute_fraction(theta_bar, gamma, num_blocks, total_steps):
+    """Expected block compute of PLD over `total_steps` steps.
+
+    Per step the expected fraction is `1 - c (1 - θ(t))` with
+    `c = (L + 1) / (2 L)`; the mean of `θ(t)` over the steps is a geometric
+    sum.
+    """
+    c = (num_blocks + 1) / (2 * num_blocks)
+    return 1.0 - c * (1.0 - theta_bar) * (1.0 - _mean_decay(gamma, total_steps))
+
+
+def pld_theta_bar_for(fraction, gamma, num_blocks, total_steps):
+    """The `θ̄` at which PLD's compute fraction over `total_steps` is `fraction`."""
+    c = (num_blocks + 1) / (2 * num_blocks)
+    theta_bar = 1.0 - (1.0 - fraction) / (c * (1.0 - _mean_decay(gamma, total_steps)))
+    if not 0.0 <= theta_bar <= 1.0:
+        lowest = pld_compute_fraction(0.0, gamma, num_blocks, total_steps)
+        raise ValueError(
+            f"Progressive layer dropping cannot reach a compute fraction of "
+            f"{fraction:g} on {num_blocks} blocks over {total_steps} steps with "
+            f"gamma={gamma:g}: it ranges from {lowest:.3f} (theta_bar=0) to 1. "
+            "Use a larger fraction, or a larger gamma or more steps."
+        )
+    return theta_bar
+
+
+def stochastic_depth_keep_probabilities(keep_prob, num_blocks, distribution):
+    """Per-block keep probabilities of stochastic depth."""
+    if distribution == "uniform":
+        return [float(keep_prob)] * num_blocks
+    return depth_keep_probabilities(keep_prob, num_blocks)
+
+
+def stochastic_depth_keep_prob_for(fraction, num_blocks, distribution):
+    """The `keep_prob` at which stochastic depth's compute fraction is `fraction`."""
+    if distribution == "uniform":
+        keep_prob = fraction
+    else:
+        keep_prob = 1.0 - (1.0 - fraction) * 2 * num_blocks / (num_blocks + 1)
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(
+            f"Stochastic depth ({distribution}) cannot reach a compute fraction of "
+            f"{fraction:g} on {num_blocks} blocks: with the linear rule the "
+            f"lowest is {(num_blocks + 1) / (2 * num_blocks):.3f}."
+        )
+    return keep_prob
+
+
+def _mean_decay(gamma, total_steps):
+    """The mean of `e^(-γ t)` over `t = 0 .. total_steps - 1`."""
+    if gamma == 0:
+        return 1.0
+    return (1.0 - math.exp(-gamma * total_steps)) / (
+        total_steps * (1.0 - math.exp(-gamma))
+    )

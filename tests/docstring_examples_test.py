@@ -12,6 +12,8 @@ PUBLIC = {
     "RandomPartModel": keras_raptr.RandomPartModel,
     "RandomPartModel.from_preset": keras_raptr.RandomPartModel.from_preset,
     "RandomPartTask": RandomPartTask,
+    "ProgressiveLayerDrop": keras_raptr.ProgressiveLayerDrop,
+    "StochasticDepth": keras_raptr.StochasticDepth,
     "RandomSkip": keras_raptr.layers.RandomSkip,
     "Stage": keras_raptr.Stage,
     "StageSchedule": keras_raptr.StageSchedule,

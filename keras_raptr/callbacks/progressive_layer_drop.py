@@ -1,0 +1,151 @@
+"""`ProgressiveLayerDrop`: progressive layer dropping (PLD), as a callback.
+
+Method card
+-----------
+What it does: at step `t` a global keep probability
+`θ(t) = (1 - θ̄) e^(-γ t) + θ̄` decays from 1 towards `theta_bar`; block `i`
+of `L` (1-based depth) is on the path with `1 - (i / L)(1 - θ(t))`, so deeper
+blocks are dropped more often, and a kept block's residual update is scaled
+by `1 / keep_prob` during training. Evaluation runs the full network.
+
+When it helps: the paper's setting is BERT pretraining with DeepSpeed, where
+PLD trained 24% faster per sample at similar accuracy. It is a peer of RaPTr
+with no stages: the path shrinks over time instead of growing.
+
+What it costs: nothing in parameters; the expected block compute falls with
+`θ(t)` (`compute_fraction(num_blocks, total_steps)`). Off-path blocks cost
+nothing, as for RaPTr.
+
+Paper: Zhang and He, "Accelerating Training of Transformer-Based Language
+Models with Progressive Layer Dropping", NeurIPS 2020 (defaults
+`theta_bar=0.5`, `gamma=0.001` as in DeepSpeed).
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_raptr import schedules
+from keras_raptr.callbacks._strategy import PathStrategy
+from keras_raptr.callbacks._strategy import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan(Plan):
+    theta_bar: float
+    gamma: float
+    num_blocks: int
+    fixed_blocks: tuple = ()
+    sampling: str = "bernoulli"
+    scaling: str = "inverse"
+
+    @property
+    def key(self):
+        return ("pld",) + dataclasses.astuple(self)
+
+    def tables(self):
+        tables = super().tables()
+        depth = np.arange(1, self.num_blocks + 1, dtype="float32") / self.num_blocks
+        tables["depth"] = depth
+        return tables
+
+    def keep(self, step, tables):
+        step = ops.cast(step, "float32")
+        theta = (1.0 - self.theta_bar) * ops.exp(-self.gamma * step) + self.theta_bar
+        return 1.0 - tables["depth"] * (1.0 - theta)
+
+    def static_path(self, start, stop):
+        return self.full_path() if self.theta_bar >= 1.0 else None
+
+
+@keras.saving.register_keras_serializable(package="keras_raptr")
+class ProgressiveLayerDrop(PathStrategy):
+    """Progressive layer dropping for a `RandomPartModel` in `fit`.
+
+    Every batch and epoch log carries `path_length`: the expected number of
+    blocks on the path at that step.
+
+    Args:
+        theta_bar: float in [0, 1]. The keep probability `θ(t)` decays to.
+        gamma: float >= 0. The decay rate of `θ(t)` per optimizer step.
+
+    Example:
+
+    ```python
+    import keras_raptr
+
+    pld = keras_raptr.ProgressiveLayerDrop(theta_bar=0.5, gamma=0.001)
+    pld.keep_probabilities_at(0, num_blocks=4)      # [1.0, 1.0, 1.0, 1.0]
+    pld.compute_fraction(12, total_steps=10_000)    # about 0.76
+    # The same compute as RaPTr 6-8-10-12 (0.75) over 10,000 steps:
+    pld = keras_raptr.ProgressiveLayerDrop.from_compute_fraction(
+        0.75, num_blocks=12, total_steps=10_000)
+    # With a RandomPartModel `model`:
+    # model.fit(data, epochs=..., callbacks=[pld])
+    ```
+    """
+
+    def __init__(self, theta_bar=0.5, gamma=0.001):
+        super().__init__()
+        if isinstance(theta_bar, bool) or not isinstance(theta_bar, (int, float)) or not 0.0 <= theta_bar <= 1.0:
+            raise ValueError(
+                f"`theta_bar` must be a number in [0, 1], got {theta_bar!r}."
+            )
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0.0:
+            raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
+        self.theta_bar = float(theta_bar)
+        self.gamma = float(gamma)
+
+    @classmethod
+    def from_compute_fraction(cls, fraction, num_blocks, total_steps, gamma=0.001):
+        """The PLD whose expected block compute over `total_steps` is `fraction`.
+
+        Solves for `theta_bar` at the given `gamma`.
+        """
+        _check_fraction(fraction)
+        return cls(
+            theta_bar=schedules.pld_theta_bar_for(
+                fraction, gamma, num_blocks, total_steps
+            ),
+            gamma=gamma,
+        )
+
+    def theta_at(self, step):
+        """The global keep probability `θ(t)` at optimizer step `step`."""
+        return schedules.pld_theta(step, self.theta_bar, self.gamma)
+
+    def keep_probabilities_at(self, step, num_blocks):
+        """Each block's keep probability at optimizer step `step`."""
+        return schedules.depth_keep_probabilities(self.theta_at(step), num_blocks)
+
+    def path_length_at(self, step, num_blocks):
+        """The expected number of blocks on the path at `step`."""
+        return float(sum(self.keep_probabilities_at(step, num_blocks)))
+
+    def compute_fraction(self, num_blocks, total_steps):
+        """Expected block compute over `total_steps` steps, relative to full."""
+        return schedules.pld_compute_fraction(
+            self.theta_bar, self.gamma, num_blocks, total_steps
+        )
+
+    def _resolve(self, num_blocks):
+        return _Plan(self.theta_bar, self.gamma, num_blocks)
+
+    def get_config(self):
+        return {"theta_bar": self.theta_bar, "gamma": self.gamma}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"ProgressiveLayerDrop(theta_bar={self.theta_bar:g}, gamma={self.gamma:g})"
+
+
+def _check_fraction(fraction):
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"`fraction` must be a number in (0, 1], got {fraction!r}."
+        )

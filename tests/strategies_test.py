@@ -1,0 +1,142 @@
+"""The peers of RaPTr: progressive layer dropping and stochastic depth."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_raptr
+from toy_models import BatchLogs
+from toy_models import block_weights
+from toy_models import changed_blocks
+from toy_models import regression_data
+from toy_models import residual_mlp
+
+
+def make_model(num_blocks=6, seed=0, lr=0.01):
+    inner, blocks = residual_mlp(num_blocks)
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=seed)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    return model
+
+
+def test_pld_keep_probabilities_at_known_steps():
+    pld = keras_raptr.ProgressiveLayerDrop(theta_bar=0.5, gamma=0.01)
+    np.testing.assert_allclose(pld.keep_probabilities_at(0, 4), [1, 1, 1, 1])
+    theta = 0.5 * np.exp(-0.01 * 100) + 0.5
+    np.testing.assert_allclose(
+        pld.keep_probabilities_at(100, 4),
+        [1 - (i / 4) * (1 - theta) for i in range(1, 5)],
+    )
+    # Far out, block i keeps with 1 - (i / L) / 2.
+    np.testing.assert_allclose(
+        pld.keep_probabilities_at(10**6, 4), [0.875, 0.75, 0.625, 0.5], atol=1e-9
+    )
+
+
+def test_pld_logs_the_expected_path_length_of_each_step():
+    model = make_model()
+    pld = keras_raptr.ProgressiveLayerDrop(theta_bar=0.5, gamma=0.2)
+    logs = BatchLogs()
+    x, y = regression_data(n=8 * 10)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[pld, logs], verbose=0)
+    logged = [float(l["path_length"]) for l in logs.batches]
+    expected = [pld.path_length_at(step, 6) for step in range(10)]
+    np.testing.assert_allclose(logged, expected, rtol=1e-5)
+    assert "stage" not in logs.batches[0]
+
+
+@pytest.mark.parametrize(
+    "distribution, expected",
+    [("uniform", [0.5] * 4), ("linear", [0.875, 0.75, 0.625, 0.5])],
+)
+def test_stochastic_depth_keep_probabilities(distribution, expected):
+    sd = keras_raptr.StochasticDepth(0.5, distribution=distribution)
+    np.testing.assert_allclose(sd.keep_probabilities_at(0, 4), expected)
+    np.testing.assert_allclose(sd.keep_probabilities_at(999, 4), expected)
+    assert sd.compute_fraction(4) == pytest.approx(np.mean(expected))
+
+
+def test_stochastic_depth_trains_each_block_about_as_often_as_its_keep_prob():
+    # A small step: with residual updates scaled by 1 / 0.5, a large one
+    # diverges, and NaN weights compare as changed.
+    model = make_model(num_blocks=4, lr=1e-4)
+    sd = keras_raptr.StochasticDepth(0.5)
+    data = regression_data(n=8)
+    counts = np.zeros(4)
+    steps = 40
+    for _ in range(steps):
+        before = block_weights(model)
+        model.fit(*data, batch_size=8, epochs=1, callbacks=[sd], verbose=0)
+        counts[changed_blocks(before, block_weights(model))] += 1
+    assert all(np.isfinite(w).all() for block in block_weights(model) for w in block)
+    # Each block is on with probability 1/2: 40 draws land in [8, 32] with
+    # probability above 0.9999.
+    assert np.all(counts >= 8) and np.all(counts <= 32), counts
+
+
+def test_compute_fractions_match_raptr():
+    raptr = keras_raptr.StageSchedule.from_spec("6-8-10-12", total_steps=10_000)
+    assert raptr.compute_fraction(12) == 0.75
+    for distribution in ("uniform", "linear"):
+        sd = keras_raptr.StochasticDepth.from_compute_fraction(
+            0.75, num_blocks=12, distribution=distribution
+        )
+        assert sd.compute_fraction(12) == pytest.approx(0.75)
+    pld = keras_raptr.ProgressiveLayerDrop.from_compute_fraction(
+        0.75, num_blocks=12, total_steps=10_000
+    )
+    assert pld.compute_fraction(12, total_steps=10_000) == pytest.approx(0.75)
+    # The host-side expected path lengths average to the same fraction.
+    mean = np.mean([pld.path_length_at(t, 12) for t in range(10_000)]) / 12
+    assert mean == pytest.approx(0.75, abs=1e-6)
+
+
+def test_config_round_trips():
+    for strategy in (
+        keras_raptr.ProgressiveLayerDrop(theta_bar=0.3, gamma=0.01),
+        keras_raptr.StochasticDepth(0.8, distribution="linear"),
+    ):
+        clone = type(strategy).from_config(strategy.get_config())
+        assert clone.get_config() == strategy.get_config()
+        assert repr(clone) == repr(strategy)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: keras_raptr.ProgressiveLayerDrop(theta_bar=1.5), "`theta_bar` must be a number in \\[0, 1\\], got 1.5"),
+        (lambda: keras_raptr.ProgressiveLayerDrop(gamma=-1), "`gamma` must be a number >= 0, got -1"),
+        (lambda: keras_raptr.StochasticDepth(0), "`keep_prob` must be a number in \\(0, 1\\], got 0"),
+        (lambda: keras_raptr.StochasticDepth(0.5, distribution="cubic"), "`distribution` must be one of \\('uniform', 'linear'\\), got 'cubic'"),
+        (lambda: keras_raptr.StochasticDepth.from_compute_fraction(0.2, 12, "linear"), "cannot reach a compute fraction of 0.2 on 12 blocks"),
+        (lambda: keras_raptr.ProgressiveLayerDrop.from_compute_fraction(0.5, 12, total_steps=100), "cannot reach a compute fraction of 0.5 on 12 blocks over 100 steps"),
+        (lambda: keras_raptr.StochasticDepth.from_compute_fraction(1.5, 12), "`fraction` must be a number in \\(0, 1\\], got 1.5"),
+    ],
+)
+def test_bad_parameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_two_strategies_in_one_fit_is_an_error():
+    model = make_model()
+    with pytest.raises(ValueError, match="2 path strategies \\(StochasticDepth, StageSchedule\\); pass one"):
+        model.fit(
+            *regression_data(),
+            epochs=1,
+            verbose=0,
+            callbacks=[
+                keras_raptr.StochasticDepth(0.5),
+                keras_raptr.StageSchedule.from_spec("2-4", total_steps=4),
+            ],
+        )
+
+
+def test_strategy_on_a_plain_model_is_an_error():
+    inner, _ = residual_mlp(4)
+    inner.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="`ProgressiveLayerDrop` trains a `keras_raptr.RandomPartModel`"):
+        inner.fit(
+            *regression_data(), epochs=1, verbose=0,
+            callbacks=[keras_raptr.ProgressiveLayerDrop()],
+        )
