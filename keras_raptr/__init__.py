@@ -6,12 +6,14 @@ Public API:
   on a random path.
 - `keras_raptr.Stage`, `keras_raptr.StageSchedule`: the stage-by-stage
   schedule, a callback for `model.fit`.
-- `keras_raptr.ProgressiveLayerDrop`, `keras_raptr.StochasticDepth`: the
-  peers of RaPTr, as the same kind of callback.
+- `keras_raptr.ProgressiveLayerDrop`, `keras_raptr.StochasticDepth`,
+  `keras_raptr.GradualStacking`: the peers of RaPTr, as the same kind of
+  callback.
 - `keras_raptr.layers.RandomSkip`: the stochastic residual-skip layer.
 """
 
 from keras_raptr import layers
+from keras_raptr.callbacks.gradual_stacking import GradualStacking
 from keras_raptr.callbacks.progressive_layer_drop import ProgressiveLayerDrop
 from keras_raptr.callbacks.stage_schedule import StageSchedule
 from keras_raptr.callbacks.stochastic_depth import StochasticDepth
@@ -20,6 +22,7 @@ from keras_raptr.schedules import Stage
 from keras_raptr.version import __version__
 
 __all__ = [
+    "GradualStacking",
     "ProgressiveLayerDrop",
     "RandomPartModel",
     "Stage",

@@ -14,6 +14,7 @@ PUBLIC = {
     "RandomPartTask": RandomPartTask,
     "ProgressiveLayerDrop": keras_raptr.ProgressiveLayerDrop,
     "StochasticDepth": keras_raptr.StochasticDepth,
+    "GradualStacking": keras_raptr.GradualStacking,
     "RandomSkip": keras_raptr.layers.RandomSkip,
     "Stage": keras_raptr.Stage,
     "StageSchedule": keras_raptr.StageSchedule,

@@ -140,3 +140,119 @@ def test_strategy_on_a_plain_model_is_an_error():
             *regression_data(), epochs=1, verbose=0,
             callbacks=[keras_raptr.ProgressiveLayerDrop()],
         )
+
+
+# ----------------------------------------------------------------------
+# Gradual stacking.
+
+
+def test_stacking_depths_and_compute_fraction():
+    stacking = keras_raptr.GradualStacking.from_spec("6-9-12", total_steps=3000)
+    assert stacking.compute_fraction(12) == 0.75
+    assert [stacking.depth_at(t, 12) for t in (0, 999, 1000, 1999, 2000, 5000)] == [
+        6, 6, 9, 9, 12, 12
+    ]
+
+
+class WeightsAtBatchBegin(keras.callbacks.Callback):
+    """Snapshots block weights and optimizer slots when a step begins."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+        self.weights = None
+        self.slots = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        model = self.model
+        if int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == self.step:
+            self.weights = block_weights(model)
+            self.slots = {
+                v.path: np.array(keras.ops.convert_to_numpy(v))
+                for v in model.optimizer.variables
+            }
+
+
+def test_stacking_trains_the_prefix_alone_then_copies_the_top_blocks():
+    inner, blocks = residual_mlp(4)
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    stacking = keras_raptr.GradualStacking(
+        [keras_raptr.Stage(2, 3), keras_raptr.Stage(4, 3)]
+    )
+    data = regression_data(n=8)
+    before = block_weights(model)
+    model.fit(*data, batch_size=8, epochs=1, callbacks=[stacking], verbose=0)
+    # Stage 0: only the prefix of 2 blocks trains.
+    assert changed_blocks(before, block_weights(model)) == [0, 1]
+    logs = BatchLogs()
+    probe = WeightsAtBatchBegin(step=3)
+    model.fit(
+        *data, batch_size=8, epochs=3, callbacks=[stacking, probe, logs], verbose=0
+    )
+    assert [float(l["path_length"]) for l in logs.batches] == [2, 2, 4]
+    assert [int(l["stage"]) for l in logs.batches] == [0, 0, 1]
+    # At the transition (before step 3 runs), blocks 2 and 3 are copies of
+    # blocks 0 and 1, with their momentum.
+    for source, target in ((0, 2), (1, 3)):
+        for a, b in zip(probe.weights[source], probe.weights[target]):
+            np.testing.assert_array_equal(a, b)
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(
+            _slot(probe.slots, 0, name), _slot(probe.slots, 2, name)
+        )
+    # Step 3 trained all four blocks.
+    after = block_weights(model)
+    assert changed_blocks(probe.weights, after) == [0, 1, 2, 3]
+
+
+def _slot(slots, block, name):
+    found = [
+        value
+        for path, value in slots.items()
+        if f"/block_{block}_" in path and path.endswith(f"_{name}_momentum")
+    ]
+    assert len(found) == 1, sorted(slots)
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: keras_raptr.GradualStacking([keras_raptr.Stage(4, 2), keras_raptr.Stage(3, 2)]), "depths must grow from stage to stage; stage 1 has 3 after 4"),
+        (lambda: keras_raptr.GradualStacking([keras_raptr.Stage(2.5, 2)]), "Stage 0 has depth 2.5: stacking trains a whole number of blocks"),
+        (lambda: keras_raptr.GradualStacking([]), "`stages` is empty"),
+        (lambda: keras_raptr.GradualStacking.from_spec("6-9-12", total_steps=30).compute_fraction(8), "stacks 12 blocks, more than the model's 8"),
+    ],
+)
+def test_bad_stacking(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_stacking_needs_one_step_per_execution():
+    if keras.backend.backend() == "torch":
+        pytest.skip("PyTorch runs one step per execution")
+    model = make_model(num_blocks=4)
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
+    stacking = keras_raptr.GradualStacking.from_spec("2-4", total_steps=4)
+    with pytest.raises(ValueError, match="needs `steps_per_execution=1`"):
+        model.fit(*regression_data(), epochs=1, verbose=0, callbacks=[stacking])
+
+
+def test_stacking_blocks_of_different_shapes_is_an_error():
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(8)(inputs)
+    blocks = [
+        keras.layers.Dense(8, name="narrow"),
+        keras.layers.Dense(8, use_bias=False, name="other"),
+    ]
+    x = blocks[0](x)
+    x = blocks[1](x)
+    inner = keras.Model(inputs, keras.layers.Dense(1)(x))
+    model = keras_raptr.RandomPartModel(inner, blocks=blocks)
+    model.compile(optimizer="sgd", loss="mse")
+    stacking = keras_raptr.GradualStacking([keras_raptr.Stage(1, 1), keras_raptr.Stage(2, 1)])
+    x_data, y_data = regression_data(n=8)
+    with pytest.raises(ValueError, match="copies block 'narrow' into 'other'"):
+        model.fit(x_data, y_data, batch_size=4, epochs=1, verbose=0, callbacks=[stacking])

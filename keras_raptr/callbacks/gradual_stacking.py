@@ -1,0 +1,272 @@
+"""`GradualStacking`: train a growing prefix of the blocks, as a callback.
+
+Method card
+-----------
+What it does: stage `s` trains only the first `k_s` blocks (a deterministic
+prefix; the other blocks are skipped, forward, backward and in the
+optimizer). At the step a stage begins, the newly added blocks are
+initialised by copying the top blocks trained so far (`6-9` copies blocks
+3, 4, 5 into 6, 7, 8; a stage that more than doubles the depth copies the
+whole prefix over and over), together with their optimizer state (momentum,
+Adam's moments), so each new block continues where its source was. After the
+last stage the full network trains.
+
+When it helps: the gradual stacking baselines of the RaPTr paper (Gong et
+al. 2019 for BERT; Reddi et al. 2023). Unlike RaPTr, the blocks beyond the
+prefix get no training before their stage, and the network's output during
+an early stage is that of a shallower model.
+
+What it costs: nothing in parameters; block compute is the mean prefix
+length over the steps (`compute_fraction`: `6-9-12` on 12 blocks is 0.75).
+Each stage runs a train step compiled for its prefix (one compile per stage).
+
+Limits: `evaluate` and `predict` run the full network, as everywhere in this
+library, so during an early stage they include blocks that have not been
+stacked yet. `steps_per_execution` must be 1 (the copy happens between
+steps).
+
+Papers: Gong, He, Li, Qin, Wang, Liu, "Efficient Training of BERT by
+Progressively Stacking", ICML 2019; Reddi, Miryoosefi, Karp, Krishnan, Kale,
+Kim, Kumar, "Efficient Training of Language Models using Few-Shot
+Learning", ICML 2023.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_raptr import schedules
+from keras_raptr.callbacks._strategy import PathStrategy
+from keras_raptr.callbacks._strategy import Plan
+from keras_raptr.schedules import Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan(Plan):
+    depths: tuple
+    ends: tuple
+    num_blocks: int
+    fixed_blocks: tuple = ()
+    sampling: str = "bernoulli"
+    scaling: str = "none"
+
+    @property
+    def key(self):
+        return ("stacking",) + dataclasses.astuple(self)
+
+    def tables(self):
+        tables = super().tables()
+        depths = list(self.depths) + [self.num_blocks]
+        keep = np.zeros((len(depths), self.num_blocks), dtype="float32")
+        for s, depth in enumerate(depths):
+            keep[s, :depth] = 1.0
+        tables.update(
+            {
+                "ends": np.asarray(self.ends, "int32"),
+                "keep": keep,
+                "depths": np.asarray(depths, "float32"),
+            }
+        )
+        return tables
+
+    def _stage(self, step, tables):
+        step = ops.cast(step, "int32")
+        return ops.sum(ops.cast(ops.greater_equal(step, tables["ends"]), "int32"))
+
+    def keep(self, step, tables):
+        return ops.take(tables["keep"], self._stage(step, tables), axis=0)
+
+    def logs(self, step, tables):
+        stage = self._stage(step, tables)
+        return {"stage": stage, "path_length": ops.take(tables["depths"], stage)}
+
+    def depth_at(self, step):
+        stage = int(np.sum(np.asarray(self.ends) <= step))
+        return (list(self.depths) + [self.num_blocks])[stage]
+
+    def static_path(self, start, stop):
+        depths = {self.depth_at(step) for step in (start, stop - 1)}
+        if len(depths) != 1 or any(start < end < stop for end in self.ends):
+            return None
+        depth = depths.pop()
+        return tuple(i < depth for i in range(self.num_blocks))
+
+
+@keras.saving.register_keras_serializable(package="keras_raptr")
+class GradualStacking(PathStrategy):
+    """Gradual stacking for a `RandomPartModel` in `fit`.
+
+    Each `Stage(depth, steps)` trains the first `depth` blocks for `steps`
+    optimizer steps; at the step a stage begins, its new blocks are copied
+    from the top blocks trained so far, with their optimizer state. Logs
+    carry `stage` and `path_length` (the prefix depth).
+
+    Args:
+        stages: list of `keras_raptr.Stage`, with integer depths that grow
+            from stage to stage.
+
+    Example:
+
+    ```python
+    import keras_raptr
+
+    stacking = keras_raptr.GradualStacking.from_spec("6-9-12", total_steps=3000)
+    assert stacking.compute_fraction(12) == 0.75
+    stacking.depth_at(1000, num_blocks=12)   # 9
+    # With a RandomPartModel `model` of 12 blocks:
+    # model.fit(data, epochs=..., callbacks=[stacking])
+    ```
+    """
+
+    def __init__(self, stages):
+        super().__init__()
+        if isinstance(stages, Stage) or not hasattr(stages, "__iter__"):
+            raise ValueError(
+                f"`stages` must be a list of `keras_raptr.Stage`, got {stages!r}."
+            )
+        stages = [
+            Stage(**stage) if isinstance(stage, dict) else stage for stage in stages
+        ]
+        if not stages:
+            raise ValueError("`stages` is empty: pass at least one `keras_raptr.Stage`.")
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                raise ValueError(
+                    f"`stages[{i}]` must be a `keras_raptr.Stage`, got {stage!r}."
+                )
+            if stage.path_length != int(stage.path_length) or stage.path_length < 1:
+                raise ValueError(
+                    f"Stage {i} has depth {stage.path_length:g}: stacking trains "
+                    "a whole number of blocks, at least 1."
+                )
+        for i in range(1, len(stages)):
+            if stages[i].path_length <= stages[i - 1].path_length:
+                raise ValueError(
+                    f"Stacking depths must grow from stage to stage; stage {i} "
+                    f"has {stages[i].path_length:g} after "
+                    f"{stages[i - 1].path_length:g}."
+                )
+        self.stages = tuple(stages)
+
+    @classmethod
+    def from_spec(cls, spec, total_steps):
+        """Stages in the paper's notation (`"6-9-12"`), of equal length."""
+        return cls(schedules.parse_spec(spec, total_steps))
+
+    @property
+    def total_steps(self):
+        """The number of optimizer steps the stages cover."""
+        return sum(stage.steps for stage in self.stages)
+
+    def depth_at(self, step, num_blocks):
+        """The number of blocks trained at optimizer step `step`."""
+        return self._resolve(num_blocks).depth_at(step)
+
+    def path_length_at(self, step, num_blocks):
+        """The number of blocks on the path at `step` (the prefix depth)."""
+        return float(self.depth_at(step, num_blocks))
+
+    def compute_fraction(self, num_blocks):
+        """Block compute over `total_steps` relative to full training."""
+        self._resolve(num_blocks)
+        return schedules.compute_fraction(self.stages, num_blocks, "subset")
+
+    def _resolve(self, num_blocks):
+        deepest = max(int(stage.path_length) for stage in self.stages)
+        if deepest > num_blocks:
+            raise ValueError(
+                f"A stage stacks {deepest} blocks, more than the model's "
+                f"{num_blocks}. Use depths of at most {num_blocks}."
+            )
+        return _Plan(
+            tuple(int(stage.path_length) for stage in self.stages),
+            tuple(int(end) for end in schedules.stage_boundaries(self.stages)),
+            num_blocks,
+        )
+
+    # ------------------------------------------------------------------
+    # The copy at each transition.
+
+    def set_model(self, model):
+        super().set_model(model)
+        if int(getattr(model, "steps_per_execution", 1) or 1) > 1:
+            raise ValueError(
+                "`GradualStacking` needs `steps_per_execution=1`: the new blocks "
+                "are copied between two steps. Compile the model with "
+                "`steps_per_execution=1`."
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._epoch_start_step + batch
+        plan = self._plan
+        for begin in plan.ends:
+            if step == begin:
+                previous = plan.depth_at(begin - 1)
+                self._stack(previous, plan.depth_at(begin))
+        super().on_train_batch_begin(batch, logs)
+
+    def _stack(self, depth, new_depth):
+        model = self.model  # On JAX, syncs the state; the step re-reads it.
+        count = new_depth - depth
+        sources = [
+            depth - count + i if count <= depth else i % depth for i in range(count)
+        ]
+        slots = _optimizer_slots(model.optimizer)
+        for i, source in enumerate(sources):
+            target = model.blocks[depth + i].block
+            origin = model.blocks[source].block
+            _copy_weights(origin, target)
+            for src, dst in zip(origin.trainable_weights, target.trainable_weights):
+                for suffix, slot in slots.get(_slot_key(src), {}).items():
+                    other = slots.get(_slot_key(dst), {}).get(suffix)
+                    if other is not None:
+                        other.assign(ops.copy(slot.value))
+
+    def get_config(self):
+        return {"stages": [stage.get_config() for stage in self.stages]}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        depths = "-".join(f"{s.path_length:g}" for s in self.stages)
+        return f"GradualStacking({depths}, total_steps={self.total_steps})"
+
+
+def _copy_weights(origin, target):
+    if [w.shape for w in origin.weights] != [w.shape for w in target.weights]:
+        raise ValueError(
+            f"Gradual stacking copies block '{origin.name}' into "
+            f"'{target.name}', but their weights differ in shape: "
+            f"{[tuple(w.shape) for w in origin.weights]} against "
+            f"{[tuple(w.shape) for w in target.weights]}. Stacking needs blocks "
+            "of one architecture."
+        )
+    for src, dst in zip(origin.weights, target.weights):
+        # A copy: on JAX two variables must not hold the same buffer.
+        dst.assign(ops.copy(src.value))
+
+
+def _slot_key(variable):
+    return variable.path.replace("/", "_")
+
+
+def _optimizer_slots(optimizer):
+    """The optimizer's per-weight variables, by weight (`path` with `_`)."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    keys = [_slot_key(v) for v in getattr(optimizer, "_trainable_variables", [])]
+    slots = {}
+    prefix = optimizer.name + "/"
+    for variable in optimizer.variables:
+        path = variable.path
+        if not path.startswith(prefix):
+            continue
+        name = path[len(prefix):]
+        for key in sorted(keys, key=len, reverse=True):
+            if name.startswith(key + "_"):
+                slots.setdefault(key, {})[name[len(key) + 1:]] = variable
+                break
+    return slots
