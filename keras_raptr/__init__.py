@@ -9,6 +9,8 @@ Public API:
 - `keras_raptr.ProgressiveLayerDrop`, `keras_raptr.StochasticDepth`,
   `keras_raptr.GradualStacking`: the peers of RaPTr, as the same kind of
   callback.
+- `keras_raptr.train_flops_per_step`, `keras_raptr.estimate_train_flops`,
+  `keras_raptr.TrainFlops`: FLOPs accounting.
 - `keras_raptr.layers.RandomSkip`: the stochastic residual-skip layer.
 """
 
@@ -17,6 +19,9 @@ from keras_raptr.callbacks.gradual_stacking import GradualStacking
 from keras_raptr.callbacks.progressive_layer_drop import ProgressiveLayerDrop
 from keras_raptr.callbacks.stage_schedule import StageSchedule
 from keras_raptr.callbacks.stochastic_depth import StochasticDepth
+from keras_raptr.flops import TrainFlops
+from keras_raptr.flops import estimate_train_flops
+from keras_raptr.flops import train_flops_per_step
 from keras_raptr.models.random_part_model import RandomPartModel
 from keras_raptr.schedules import Stage
 from keras_raptr.version import __version__
@@ -28,6 +33,9 @@ __all__ = [
     "Stage",
     "StageSchedule",
     "StochasticDepth",
+    "TrainFlops",
     "__version__",
+    "estimate_train_flops",
     "layers",
+    "train_flops_per_step",
 ]

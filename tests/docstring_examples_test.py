@@ -15,6 +15,8 @@ PUBLIC = {
     "ProgressiveLayerDrop": keras_raptr.ProgressiveLayerDrop,
     "StochasticDepth": keras_raptr.StochasticDepth,
     "GradualStacking": keras_raptr.GradualStacking,
+    "train_flops_per_step": keras_raptr.train_flops_per_step,
+    "TrainFlops": keras_raptr.TrainFlops,
     "RandomSkip": keras_raptr.layers.RandomSkip,
     "Stage": keras_raptr.Stage,
     "StageSchedule": keras_raptr.StageSchedule,

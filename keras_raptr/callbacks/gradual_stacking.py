@@ -164,6 +164,11 @@ class GradualStacking(PathStrategy):
         """The number of blocks trained at optimizer step `step`."""
         return self._resolve(num_blocks).depth_at(step)
 
+    def keep_probabilities_at(self, step, num_blocks):
+        """1 for the blocks of the prefix trained at `step`, else 0."""
+        depth = self.depth_at(step, num_blocks)
+        return [1.0 if i < depth else 0.0 for i in range(num_blocks)]
+
     def path_length_at(self, step, num_blocks):
         """The number of blocks on the path at `step` (the prefix depth)."""
         return float(self.depth_at(step, num_blocks))

@@ -248,6 +248,12 @@ class StageSchedule(PathStrategy):
         """The expected path length at optimizer step `step`."""
         return schedules.path_length_at(self.stages, step, num_blocks)
 
+    def keep_probabilities_at(self, step, num_blocks):
+        """Each block's probability of being on the path at `step`."""
+        plan = self._resolve(num_blocks)
+        keep = plan.tables()["keep"]
+        return [float(k) for k in keep[min(self.stage_at(step), len(keep) - 1)]]
+
     def compute_fraction(self, num_blocks):
         """Expected block compute relative to training all blocks every step.
 
