@@ -256,3 +256,25 @@ def test_stacking_blocks_of_different_shapes_is_an_error():
     x_data, y_data = regression_data(n=8)
     with pytest.raises(ValueError, match="copies block 'narrow' into 'other'"):
         model.fit(x_data, y_data, batch_size=4, epochs=1, verbose=0, callbacks=[stacking])
+
+
+def test_stacking_resumed_from_a_saved_model_stacks_at_the_boundary(tmp_path):
+    model = make_model(num_blocks=4)
+    stacking = keras_raptr.GradualStacking(
+        [keras_raptr.Stage(2, 3), keras_raptr.Stage(4, 3)]
+    )
+    data = regression_data(n=8)  # one step an epoch
+    model.fit(*data, batch_size=8, epochs=2, callbacks=[stacking], verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    probe = WeightsAtBatchBegin(step=3)
+    logs = BatchLogs()
+    restored.fit(
+        *data, batch_size=8, epochs=3, callbacks=[stacking, probe, logs], verbose=0
+    )
+    # Steps 2, 3 and 4: the transition at step 3 happens in the resumed run.
+    assert [int(l["stage"]) for l in logs.batches] == [0, 1, 1]
+    for source, target in ((0, 2), (1, 3)):
+        for a, b in zip(probe.weights[source], probe.weights[target]):
+            np.testing.assert_array_equal(a, b)
