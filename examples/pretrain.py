@@ -1,33 +1,62 @@
-"""Pretrains a small masked language model with RaPTr, offline.
+"""Pretrains a small BERT-style masked language model with RaPTr, offline.
 
     KERAS_BACKEND=jax python examples/pretrain.py
     KERAS_BACKEND=torch python examples/pretrain.py --method baseline
+    KERAS_BACKEND=tensorflow python examples/pretrain.py --compare
 
-The corpus is real English text that every Python install carries: the
-language reference of `pydoc_data.topics` and the docstrings of the standard
-library modules. It is split into a training part and a held-out part. The
-model is a BERT-style encoder (keras-hub `TransformerEncoder` blocks, a token
-and position embedding, a byte-level vocabulary) trained to predict 15% of
-masked bytes. With `--method raptr` (the default) it trains under the RaPTr
-schedule `6-8-10-12` (on 12 blocks); `--method baseline` trains every block
-at every step. At the end it prints the held-out loss, the wall-clock time and
-the block compute used relative to full training.
+The default corpus is real English text that every Python install carries:
+the language reference of `pydoc_data.topics` and the docstrings of the
+standard library modules. A WordPiece vocabulary is computed from its
+training part; a held-out part is kept for evaluation. The model is a
+keras-hub `BertBackbone` and `BertMaskedLM` built from config (12 blocks,
+width 128), trained to predict 15% of masked tokens, under RaPTr `6-8-10-12`
+(`--method raptr`, the default), or a peer: `baseline` (every block, every
+step), `pld`, `stochastic-depth` (both matched to RaPTr's compute), or
+`stacking` (`6-9-12`). `--objective clm` trains a GPT-2-style causal LM on
+the same tokens instead.
+
+The progress bar shows the loss, the stage and the path length; the held-out
+loss is measured every `--eval-every` steps. At the end it prints the
+held-out loss, the wall-clock time and the compute used against full
+training, and writes under `--output-dir` (default `runs/<timestamp>`):
+
+- `summary.json`: method, backend, steps, final_eval_loss,
+  wall_clock_seconds, compute_fraction, train_flops, and the run's options;
+- `loss_curve.csv`: step, train_flops, wall_clock_seconds, loss, eval_loss;
+- `loss.png`: held-out loss against training FLOPs and against wall-clock;
+- `model/`: the trained model as a keras-hub preset (loads without
+  keras-raptr), and `checkpoint.keras` for `--resume`.
+
+`--resume DIR` continues an interrupted run from its last checkpoint, in the
+right stage. `--compare` runs the baseline and the chosen method back to
+back and plots both on one figure.
 """
 
 import argparse
+import csv
+import glob
 import importlib
+import json
+import os
 import sys
 import time
 
-import keras
 import numpy as np
 
-import keras_raptr
+METHODS = ("raptr", "baseline", "pld", "stochastic-depth", "stacking")
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, UNK, CLS, SEP, MASK = range(5)
 
-MASK_ID, PAD_ID, VOCAB = 256, 257, 258
+
+class ExampleError(Exception):
+    """A problem with the run's inputs: printed, and the exit code is 2."""
 
 
-def corpus():
+# ----------------------------------------------------------------------
+# Data.
+
+
+def stdlib_corpus():
     """Real English text available offline: the stdlib's own documentation."""
     from pydoc_data import topics
 
@@ -43,97 +72,546 @@ def corpus():
             continue
         if doc:
             texts.append(doc)
-    return "\n\n".join(texts).encode("utf-8", "ignore")
+    return texts
 
 
-def windows(data, seq_len):
-    tokens = np.frombuffer(data, dtype=np.uint8).astype("int32")
-    count = len(tokens) // seq_len
-    return tokens[: count * seq_len].reshape(count, seq_len)
+def text_files(pattern):
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+        raise ExampleError(f"--dataset {pattern!r}: no file matches this pattern.")
+    texts = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        except OSError as error:
+            raise ExampleError(f"--dataset: cannot read {path!r}: {error}.") from error
+    return texts
 
 
-def mask(batch, rng, rate=0.15):
-    """BERT-style masking: returns inputs, targets and per-token weights."""
-    chosen = rng.random(batch.shape) < rate
-    inputs = np.where(chosen, MASK_ID, batch)
-    # Weights that average the loss over the masked bytes only.
-    weights = chosen.astype("float32") / max(chosen.mean(), 1e-9)
-    return inputs, batch, weights
+def tfds_texts(spec, data_dir):
+    """`tfds:NAME[:SPLIT]`: the first text feature of a prepared dataset."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise ExampleError(
+            f"--dataset {spec!r}: use tfds:NAME or tfds:NAME:SPLIT, "
+            "e.g. tfds:imdb_reviews:train."
+        )
+    name = parts[1]
+    split = parts[2] if len(parts) == 3 else "train"
+    import tensorflow_datasets as tfds
+
+    try:
+        dataset = tfds.load(name, split=split, data_dir=data_dir, download=False)
+    except Exception as error:
+        where = data_dir or "the default tensorflow-datasets directory"
+        raise ExampleError(
+            f"The tensorflow-datasets dataset {name!r} (split {split!r}) is not "
+            f"prepared in {where}, and this run does not download. Prepare it on "
+            f"a machine with network access (`tfds build {name} --data_dir DIR`), "
+            f"copy DIR here and pass `--data-dir DIR`. ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+    texts = []
+    for example in tfds.as_numpy(dataset):
+        for value in example.values() if isinstance(example, dict) else [example]:
+            if isinstance(value, bytes):
+                texts.append(value.decode("utf-8", "replace"))
+                break
+    return texts
 
 
-def build(num_layers, hidden_dim, seq_len):
+def load_texts(args):
+    if args.dataset == "stdlib":
+        texts = stdlib_corpus()
+    elif args.dataset.startswith("tfds:"):
+        texts = tfds_texts(args.dataset, args.data_dir)
+    else:
+        texts = text_files(args.dataset)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts or sum(len(t) for t in texts) < 100:
+        raise ExampleError(
+            f"--dataset {args.dataset!r}: the corpus is empty (or under 100 "
+            "characters); pass text to train on."
+        )
+    return texts
+
+
+def split_texts(texts, seed):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    held = max(1, len(texts) // 20)
+    return [texts[i] for i in order[held:]], [texts[i] for i in order[:held]]
+
+
+def word_piece_tokenizer(train_texts, vocabulary_size):
+    import keras_hub
+    import tensorflow as tf
+
+    vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
+        tf.data.Dataset.from_tensor_slices(train_texts),
+        vocabulary_size=vocabulary_size,
+        lowercase=True,
+        reserved_tokens=SPECIAL_TOKENS,
+    )
+    return keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+
+
+def windows(tokenizer, texts, length):
+    """Token windows of `length` ids, from the texts read end to end."""
+    ids = []
+    for token_ids in tokenizer(texts):
+        ids.extend(np.asarray(token_ids).tolist())
+    ids = np.asarray(ids, dtype="int32")
+    count = len(ids) // length
+    if count == 0:
+        raise ExampleError(
+            f"The corpus has {len(ids)} tokens: too few for one window of "
+            f"{length}; use a smaller --seq-len or more text."
+        )
+    return ids[: count * length].reshape(count, length)
+
+
+def mlm_batch(rows, rng, vocabulary_size, mask_rate=0.15):
+    """BERT inputs, with 15% of tokens masked (80% [MASK], 10% random, 10% kept)."""
+    n, body = rows.shape
+    tokens = np.concatenate(
+        [np.full((n, 1), CLS), rows, np.full((n, 1), SEP)], axis=1
+    ).astype("int32")
+    num_masked = max(1, int(round(mask_rate * body)))
+    positions = np.sort(
+        np.stack([rng.choice(body, num_masked, replace=False) + 1 for _ in range(n)]),
+        axis=1,
+    ).astype("int32")
+    labels = np.take_along_axis(tokens, positions, axis=1)
+    inputs = tokens.copy()
+    choice = rng.random(positions.shape)
+    replaced = np.where(
+        choice < 0.8,
+        MASK,
+        np.where(choice < 0.9, rng.integers(5, vocabulary_size, positions.shape), labels),
+    )
+    np.put_along_axis(inputs, positions, replaced, axis=1)
+    x = {
+        "token_ids": inputs,
+        "segment_ids": np.zeros_like(inputs),
+        "padding_mask": np.ones_like(inputs, dtype=bool),
+        "mask_positions": positions,
+    }
+    return x, labels, np.ones_like(labels, dtype="float32")
+
+
+def clm_batch(rows):
+    x = {"token_ids": rows[:, :-1], "padding_mask": np.ones_like(rows[:, :-1], dtype=bool)}
+    return x, rows[:, 1:], np.ones_like(rows[:, 1:], dtype="float32")
+
+
+# ----------------------------------------------------------------------
+# Model and strategy.
+
+
+def preset_task(args):
+    """The task and tokenizer of `--preset`."""
+    import keras_raptr
+
+    task_name = "BertMaskedLM" if args.objective == "mlm" else "GPT2CausalLM"
+    try:
+        task = keras_raptr.RandomPartModel.from_preset(args.preset, task=task_name).inner
+    except (OSError, ValueError, ImportError) as error:
+        raise ExampleError(f"--preset {args.preset!r}: {error}") from error
+    longest = getattr(task.backbone, "max_sequence_length", None)
+    if longest is not None and args.seq_len > longest:
+        raise ExampleError(
+            f"--seq-len {args.seq_len} is longer than the preset's maximum "
+            f"sequence length {longest}; pass --seq-len {longest} or less."
+        )
+    tokenizer = getattr(task.preprocessor, "tokenizer", None)
+    if tokenizer is None:
+        raise ExampleError(
+            f"--preset {args.preset!r} has no tokenizer to read the corpus with."
+        )
+    return task, tokenizer
+
+
+def build_task(args, vocabulary_size):
     import keras_hub
 
-    token_ids = keras.Input((seq_len,), dtype="int32", name="token_ids")
-    x = keras_hub.layers.TokenAndPositionEmbedding(
-        vocabulary_size=VOCAB, sequence_length=seq_len, embedding_dim=hidden_dim
-    )(token_ids)
-    blocks = [
-        keras_hub.layers.TransformerEncoder(
-            intermediate_dim=4 * hidden_dim, num_heads=4, dropout=0.1,
-            name=f"transformer_layer_{i}",
+    if args.objective == "mlm":
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=vocabulary_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            hidden_dim=args.hidden_dim,
+            intermediate_dim=4 * args.hidden_dim,
+            max_sequence_length=args.seq_len,
+            dropout=0.1,
         )
-        for i in range(num_layers)
-    ]
-    for block in blocks:
-        x = block(x)
-    x = keras.layers.LayerNormalization()(x)
-    logits = keras.layers.Dense(VOCAB, name="mlm_head")(x)
-    return keras.Model(token_ids, logits, name="byte_bert"), blocks
+        return keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocabulary_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        hidden_dim=args.hidden_dim,
+        intermediate_dim=4 * args.hidden_dim,
+        max_sequence_length=args.seq_len,
+        dropout=0.1,
+    )
+    return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=("raptr", "baseline"), default="raptr")
-    parser.add_argument("--schedule", default="6-8-10-12")
-    parser.add_argument("--steps", type=int, default=400)
+def default_schedule(method, num_blocks):
+    n = num_blocks
+    if method == "raptr":
+        return "-".join(str(k) for k in (n // 2, 2 * n // 3, 5 * n // 6, n))
+    if method == "stacking":
+        return "-".join(str(k) for k in (n // 2, 3 * n // 4, n))
+    if method in ("pld", "stochastic-depth"):
+        return "matched"
+    return None
+
+
+def make_strategy(args, num_blocks):
+    """The method's strategy callback (`None` for the baseline)."""
+    import keras_raptr
+
+    spec = args.schedule or default_schedule(args.method, num_blocks)
+    try:
+        if args.method == "baseline":
+            return None
+        if args.method == "raptr":
+            return keras_raptr.StageSchedule.from_spec(spec, total_steps=args.steps)
+        if args.method == "stacking":
+            return keras_raptr.GradualStacking.from_spec(spec, total_steps=args.steps)
+        if spec == "matched":
+            reference = keras_raptr.StageSchedule.from_spec(
+                default_schedule("raptr", num_blocks), total_steps=args.steps
+            )
+            fraction = reference.compute_fraction(num_blocks)
+        else:
+            fraction = float(spec)
+        if args.method == "pld":
+            # DeepSpeed's gamma (0.001) suits runs of tens of thousands of
+            # steps; scaled to this run, theta(t) settles within its first
+            # fifth, so that RaPTr's compute is reachable.
+            return keras_raptr.ProgressiveLayerDrop.from_compute_fraction(
+                fraction, num_blocks, total_steps=args.steps, gamma=5.0 / args.steps
+            )
+        return keras_raptr.StochasticDepth.from_compute_fraction(fraction, num_blocks)
+    except ValueError as error:
+        raise ExampleError(f"--schedule {spec!r} for --method {args.method}: {error}") from error
+
+
+def compute_fraction(strategy, num_blocks, steps):
+    if strategy is None:
+        return 1.0
+    if hasattr(strategy, "total_steps"):
+        return strategy.compute_fraction(num_blocks)
+    try:
+        return strategy.compute_fraction(num_blocks, total_steps=steps)
+    except TypeError:
+        return strategy.compute_fraction(num_blocks)
+
+
+# ----------------------------------------------------------------------
+# The run.
+
+
+class Curve:
+    """Records the loss curve at each evaluation, and writes it as CSV."""
+
+    FIELDS = ("step", "train_flops", "wall_clock_seconds", "loss", "eval_loss")
+
+    def __init__(self, path):
+        self.path = path
+        self.rows = []
+        if os.path.exists(path):
+            with open(path) as f:
+                self.rows = [
+                    {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)
+                ]
+
+    def add(self, row):
+        self.rows.append(row)
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def recorder(curve, counter, clock, checkpoint):
+    import keras
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            curve.add(
+                {
+                    "step": step,
+                    "train_flops": counter.train_flops,
+                    "wall_clock_seconds": clock(),
+                    "loss": float(logs.get("loss", float("nan"))),
+                    "eval_loss": float(logs.get("val_loss", float("nan"))),
+                }
+            )
+            self.model.save(checkpoint)
+
+    return Record()
+
+
+def run(args, output_dir):
+    """One training run; returns its summary."""
+    import keras
+
+    import keras_raptr
+
+    os.makedirs(output_dir, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    texts = load_texts(args)
+    train_texts, held_texts = split_texts(texts, args.seed)
+
+    body = args.seq_len - 2 if args.objective == "mlm" else args.seq_len + 1
+    checkpoint = os.path.join(output_dir, "checkpoint.keras")
+    resuming = os.path.exists(checkpoint)
+    task = None
+    if args.preset:
+        task, tokenizer = preset_task(args)
+        # Batches are made here, already tokenized and masked.
+        task.preprocessor = None
+    else:
+        tokenizer = word_piece_tokenizer(train_texts, args.vocabulary_size)
+    vocabulary_size = tokenizer.vocabulary_size()
+    train = windows(tokenizer, train_texts, body)
+    held = windows(tokenizer, held_texts, body)[: args.eval_windows]
+    print(
+        f"corpus: {len(train)} training and {len(held)} held-out windows of "
+        f"{body} tokens (vocabulary {vocabulary_size})"
+    )
+
+    if resuming:
+        model = keras.saving.load_model(checkpoint)
+        print(f"resuming from {checkpoint} at step "
+              f"{int(keras.ops.convert_to_numpy(model.optimizer.iterations))}")
+    else:
+        task = task or build_task(args, vocabulary_size)
+        model = keras_raptr.RandomPartModel(task, seed=args.seed)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[],
+        )
+    num_blocks = len(model.blocks)
+    strategy = make_strategy(args, num_blocks)
+    try:
+        fraction = compute_fraction(strategy, num_blocks, args.steps)
+    except ValueError as error:
+        raise ExampleError(
+            f"--schedule for the model's {num_blocks} blocks: {error}"
+        ) from error
+    length = body + 2 if args.objective == "mlm" else body - 1
+    sample_rows = train[rng.integers(0, len(train), args.steps * args.batch_size)]
+    if args.objective == "mlm":
+        x, y, w = mlm_batch(sample_rows, rng, vocabulary_size)
+        vx, vy, vw = mlm_batch(held, np.random.default_rng(args.seed + 1), vocabulary_size)
+    else:
+        x, y, w = clm_batch(sample_rows)
+        vx, vy, vw = clm_batch(held)
+
+    counter = keras_raptr.TrainFlops(args.batch_size, sequence_length=length)
+    curve = Curve(os.path.join(output_dir, "loss_curve.csv"))
+    elapsed = curve.rows[-1]["wall_clock_seconds"] if curve.rows else 0.0
+    start = time.perf_counter()
+
+    def clock():
+        return elapsed + time.perf_counter() - start
+
+    eval_every = max(1, min(args.eval_every, args.steps))
+    epochs = -(-args.steps // eval_every)
+    done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    # A resumed run continues with the batches it had not seen.
+    x = {k: v[done * args.batch_size:] for k, v in x.items()}
+    y, w = y[done * args.batch_size:], w[done * args.batch_size:]
+    callbacks = [counter, recorder(curve, counter, clock, checkpoint)]
+    if strategy is not None:
+        callbacks.insert(0, strategy)
+    if args.stop_after is not None:
+        callbacks.append(_StopAfter(args.stop_after))
+    model.fit(
+        x, y, sample_weight=w, batch_size=args.batch_size,
+        epochs=epochs, initial_epoch=done // eval_every,
+        steps_per_epoch=eval_every, shuffle=False,
+        validation_data=(vx, vy, vw), validation_batch_size=64,
+        callbacks=callbacks, verbose=args.verbose,
+    )
+    seconds = clock()
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    final = curve.rows[-1]["eval_loss"] if curve.rows else float("nan")
+    summary = {
+        "method": args.method,
+        "backend": keras.backend.backend(),
+        "objective": args.objective,
+        "steps": steps,
+        "final_eval_loss": final,
+        "wall_clock_seconds": seconds,
+        "compute_fraction": fraction,
+        "train_flops": counter.train_flops,
+        "full_train_flops": keras_raptr.estimate_train_flops(
+            model, args.batch_size, length, steps=steps
+        ),
+        "num_blocks": num_blocks,
+        "strategy": repr(strategy),
+        "options": vars(args),
+    }
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if steps >= args.steps:
+        save_preset(model.inner, tokenizer, args, os.path.join(output_dir, "model"))
+    plot([(args.method, curve.rows)], os.path.join(output_dir, "loss.png"))
+    print(
+        f"method: {args.method}  held-out loss: {final:.4f}  wall-clock: "
+        f"{seconds:.1f}s  block compute vs full training: "
+        f"{summary['compute_fraction']:.2f}  training FLOPs vs full: "
+        f"{summary['train_flops'] / max(summary['full_train_flops'], 1):.2f}"
+    )
+    return summary
+
+
+def save_preset(task, tokenizer, args, directory):
+    """The trained task as a keras-hub preset, with its tokenizer (MLM)."""
+    import keras_hub
+
+    if args.objective == "mlm":
+        task.preprocessor = keras_hub.models.BertMaskedLMPreprocessor(
+            tokenizer, sequence_length=args.seq_len
+        )
+    try:
+        task.save_to_preset(directory)
+    finally:
+        task.preprocessor = None
+
+
+class _StopAfter:
+    """Stops training after a number of steps (to test `--resume`)."""
+
+    def __new__(cls, steps):
+        import keras
+
+        class StopAfter(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+                if step >= steps:
+                    self.model.stop_training = True
+
+        return StopAfter()
+
+
+def plot(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_flops, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in curves:
+        if not rows:
+            continue
+        loss = [r["eval_loss"] for r in rows]
+        by_flops.plot([r["train_flops"] for r in rows], loss, marker="o", label=name)
+        by_time.plot([r["wall_clock_seconds"] for r in rows], loss, marker="o", label=name)
+    by_flops.set_xlabel("training FLOPs (estimate)")
+    by_time.set_xlabel("wall-clock seconds")
+    for axes in (by_flops, by_time):
+        axes.set_ylabel("held-out loss")
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--method", default="raptr", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument(
+        "--schedule", default=None,
+        help="raptr, stacking: a spec such as 6-8-10-12; pld, stochastic-depth: "
+        "the target compute fraction (default: RaPTr's default schedule's)",
+    )
+    parser.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
+    parser.add_argument("--preset", default=None, help="a keras-hub preset name or local preset directory to start from")
+    parser.add_argument("--dataset", default="stdlib", help="stdlib, tfds:NAME[:SPLIT], or a glob of text files")
+    parser.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=12)
-    parser.add_argument("--hidden-dim", type=int, default=64)
+    parser.add_argument("--hidden-dim", type=int, default=128)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--vocabulary-size", type=int, default=4000)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
+    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--compare", action="store_true", help="run the baseline and --method back to back, one figure")
+    parser.add_argument("--verbose", type=int, default=1)
+    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.method not in METHODS:
+        parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    for name in ("steps", "batch_size", "seq_len", "num_layers", "hidden_dim", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seq_len < 4:
+        parser.error("--seq-len must be at least 4")
+    return args
 
-    keras.utils.set_random_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    data = windows(corpus(), args.seq_len)
-    rng.shuffle(data)
-    held_out = data[: max(1, len(data) // 20)]
-    train = data[len(held_out):]
-    print(f"corpus: {len(train)} training and {len(held_out)} held-out windows "
-          f"of {args.seq_len} bytes")
 
-    inner, blocks = build(args.num_layers, args.hidden_dim, args.seq_len)
-    model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=args.seed)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-    )
-    callbacks, fraction = [], 1.0
-    if args.method == "raptr":
-        try:
-            schedule = keras_raptr.StageSchedule.from_spec(args.schedule, total_steps=args.steps)
-            fraction = schedule.compute_fraction(args.num_layers)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        callbacks.append(schedule)
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.resume:
+            options = os.path.join(args.resume, "options.json")
+            if not os.path.exists(options):
+                raise ExampleError(f"--resume {args.resume!r}: no run there (no options.json).")
+            with open(options) as f:
+                saved = json.load(f)
+            saved.update({"resume": args.resume, "stop_after": args.stop_after, "verbose": args.verbose})
+            args = argparse.Namespace(**saved)
+            output_dir = args.resume
+        else:
+            output_dir = args.output_dir or os.path.join(
+                "runs", time.strftime("%Y%m%d-%H%M%S")
+            )
+        if args.compare and not args.resume:
+            results = []
+            for method in ("baseline", args.method):
+                sub = argparse.Namespace(**{**vars(args), "method": method})
+                directory = os.path.join(output_dir, method)
+                _save_options(sub, directory)
+                results.append((method, run(sub, directory)))
+            plot(
+                [(m, Curve(os.path.join(output_dir, m, "loss_curve.csv")).rows) for m, _ in results],
+                os.path.join(output_dir, "loss.png"),
+            )
+            return 0
+        if not args.resume:
+            _save_options(args, output_dir)
+        run(args, output_dir)
+        return 0
+    except ExampleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
-    steps_per_epoch = max(1, min(100, args.steps))
-    x, y, w = mask(train[rng.integers(0, len(train), args.steps * args.batch_size)], rng)
-    vx, vy, vw = mask(held_out, rng)
-    start = time.perf_counter()
-    model.fit(
-        x, y, sample_weight=w, batch_size=args.batch_size,
-        epochs=-(-args.steps // steps_per_epoch), steps_per_epoch=steps_per_epoch,
-        validation_data=(vx, vy, vw), callbacks=callbacks, verbose=2,
-    )
-    seconds = time.perf_counter() - start
-    loss = model.evaluate(vx, vy, sample_weight=vw, batch_size=64, verbose=0)
-    print(f"method: {args.method}  held-out loss: {loss:.4f}  "
-          f"wall-clock: {seconds:.1f}s  block compute vs full training: {fraction:.2f}")
-    return 0
+
+def _save_options(args, directory):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "options.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""examples/pretrain.py end to end, in a tiny configuration (seconds)."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = [
+    "--num-layers", "4", "--hidden-dim", "16", "--num-heads", "2",
+    "--seq-len", "16", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
+    "--eval-windows", "16", "--vocabulary-size", "300", "--verbose", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def example():
+    path = os.path.join(HERE, "..", "examples", "pretrain.py")
+    spec = importlib.util.spec_from_file_location("pretrain_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def text_glob(tmp_path_factory):
+    from pydoc_data import topics
+
+    directory = tmp_path_factory.mktemp("texts")
+    texts = list(topics.topics.values())[:60]
+    for i in range(3):
+        with open(directory / f"part_{i}.txt", "w") as f:
+            f.write("\n\n".join(texts[i::3]))
+    return str(directory / "*.txt")
+
+
+def read_curve(directory):
+    with open(os.path.join(directory, "loss_curve.csv")) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_text_files_run_writes_its_summary_curve_plot_and_preset(example, text_glob, tmp_path):
+    import keras
+    import keras_hub
+
+    out = str(tmp_path / "run")
+    assert example.main(["--dataset", text_glob, "--output-dir", out, *TINY]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["method"] == "raptr"
+    assert summary["backend"] == keras.backend.backend()
+    assert summary["steps"] == 6
+    assert math.isfinite(summary["final_eval_loss"])
+    assert summary["wall_clock_seconds"] > 0
+    # Default schedule for 4 blocks: 2-2-3-4 over 6 steps (1, 1, 1 and 3).
+    assert summary["compute_fraction"] == pytest.approx(19 / 24)
+    assert 0 < summary["train_flops"] < summary["full_train_flops"]
+    curve = read_curve(out)
+    assert [row["step"] for row in curve] == [3, 6]
+    assert curve[-1]["train_flops"] == pytest.approx(summary["train_flops"])
+    assert curve[-1]["eval_loss"] == pytest.approx(summary["final_eval_loss"])
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 0
+    # The trained model is a plain keras-hub preset, with its tokenizer.
+    task = keras_hub.models.BertMaskedLM.from_preset(os.path.join(out, "model"))
+    assert task.preprocessor.tokenizer.vocabulary_size() <= 300
+
+
+def test_resume_continues_an_interrupted_run(example, text_glob, tmp_path):
+    whole = str(tmp_path / "whole")
+    assert example.main(["--dataset", text_glob, "--output-dir", whole, *TINY]) == 0
+    parts = str(tmp_path / "parts")
+    args = ["--dataset", text_glob, "--output-dir", parts, *TINY]
+    assert example.main([*args, "--stop-after", "3"]) == 0
+    assert [row["step"] for row in read_curve(parts)] == [3]
+    assert not os.path.exists(os.path.join(parts, "model"))
+    assert example.main(["--resume", parts, "--verbose", "0"]) == 0
+    curve = read_curve(parts)
+    assert [row["step"] for row in curve] == [3, 6]
+    # The FLOPs of each step depend on its stage: the resumed run counted
+    # the same as the uninterrupted one, so it trained in the same stages.
+    assert curve[-1]["train_flops"] == pytest.approx(read_curve(whole)[-1]["train_flops"])
+    assert os.path.isdir(os.path.join(parts, "model"))
+
+
+@pytest.mark.parametrize("method", ["pld", "stochastic-depth"])
+def test_peer_methods_run(example, text_glob, tmp_path, method):
+    out = str(tmp_path / method)
+    assert example.main(["--dataset", text_glob, "--output-dir", out, "--method", method, *TINY]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["method"] == method
+    # Matched to RaPTr's default schedule's compute.
+    assert summary["compute_fraction"] == pytest.approx(19 / 24, abs=1e-6)
+
+
+def test_compare_runs_the_baseline_and_the_method(example, text_glob, tmp_path):
+    out = str(tmp_path / "compare")
+    argv = ["--dataset", text_glob, "--output-dir", out, "--method", "stacking", "--compare", *TINY]
+    assert example.main(argv) == 0
+    for method, fraction in (("baseline", 1.0), ("stacking", (2 + 3 + 4) / 12)):
+        with open(os.path.join(out, method, "summary.json")) as f:
+            assert json.load(f)["compute_fraction"] == pytest.approx(fraction)
+    assert os.path.getsize(os.path.join(out, "loss.png")) > 0
+
+
+def test_causal_lm_objective(example, text_glob, tmp_path):
+    out = str(tmp_path / "clm")
+    argv = ["--dataset", text_glob, "--output-dir", out, "--objective", "clm", *TINY]
+    assert example.main(argv) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["objective"] == "clm" and math.isfinite(summary["final_eval_loss"])
+
+
+def test_tfds_dataset_with_mock_data(example, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = str(tmp_path / "tfds")
+    with tfds.testing.mock_data(num_examples=64):
+        argv = ["--dataset", "tfds:imdb_reviews:train", "--output-dir", out, *TINY]
+        assert example.main(argv) == 0
+    assert read_curve(out)[-1]["step"] == 6
+
+
+# ----------------------------------------------------------------------
+# Errors: a message and exit code 2, never a traceback alone.
+
+
+def test_tfds_dataset_not_prepared(example, tmp_path, capsys):
+    pytest.importorskip("tensorflow_datasets")
+    argv = ["--dataset", "tfds:imdb_reviews", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), *TINY]
+    assert example.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'imdb_reviews'" in err and "not prepared" in err and "--data-dir" in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--schedule", "6-8-10-12"], "--schedule for the model's 4 blocks"),
+        (["--schedule", "6-x"], "--schedule '6-x' for --method raptr"),
+        (["--preset", "no_such_preset_name"], "--preset 'no_such_preset_name'"),
+    ],
+)
+def test_bad_inputs_exit_with_a_message(example, text_glob, tmp_path, capsys, extra, message):
+    argv = ["--dataset", text_glob, "--output-dir", str(tmp_path / "o"), *TINY, *extra]
+    assert example.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_or_missing_corpus(example, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert example.main(["--dataset", str(empty), "--output-dir", str(tmp_path / "o"), *TINY]) == 2
+    assert "the corpus is empty" in capsys.readouterr().err
+    missing = str(tmp_path / "nothing" / "*.txt")
+    assert example.main(["--dataset", missing, "--output-dir", str(tmp_path / "o"), *TINY]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_unknown_method_is_a_usage_error(example, capsys):
+    with pytest.raises(SystemExit) as info:
+        example.main(["--method", "dropout"])
+    assert info.value.code == 2
+    assert "unknown --method 'dropout'" in capsys.readouterr().err
+
+
+def test_start_from_a_local_preset(example, text_glob, tmp_path):
+    from hub_models import bert
+
+    preset = str(tmp_path / "preset")
+    bert().save_to_preset(preset)
+    out = str(tmp_path / "from_preset")
+    argv = ["--dataset", text_glob, "--output-dir", out, "--preset", preset, *TINY]
+    # The preset's positions stop at 12.
+    assert example.main(argv) == 2
+    assert example.main([*argv, "--seq-len", "12"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_blocks"] == 4 and summary["steps"] == 6
