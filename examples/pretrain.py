@@ -236,18 +236,7 @@ def preset_task(args):
 def build_task(args, vocabulary_size):
     import keras_hub
 
-    if args.objective == "mlm":
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=vocabulary_size,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            hidden_dim=args.hidden_dim,
-            intermediate_dim=4 * args.hidden_dim,
-            max_sequence_length=args.seq_len,
-            dropout=0.1,
-        )
-        return keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
-    backbone = keras_hub.models.GPT2Backbone(
+    sizes = dict(
         vocabulary_size=vocabulary_size,
         num_layers=args.num_layers,
         num_heads=args.num_heads,
@@ -256,6 +245,10 @@ def build_task(args, vocabulary_size):
         max_sequence_length=args.seq_len,
         dropout=0.1,
     )
+    if args.objective == "mlm":
+        backbone = keras_hub.models.BertBackbone(**sizes)
+        return keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
+    backbone = keras_hub.models.GPT2Backbone(**sizes)
     return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
 
 

@@ -57,6 +57,27 @@ class Plan:
         return tuple(i in fixed for i in range(self.num_blocks))
 
 
+class StagedPlan(Plan):
+    """A plan made of stages: its tables have one row per stage, plus one.
+
+    `tables()` must add `ends` (the step each stage ends at), `keep` (per
+    stage and block) and `lengths` (the path length each stage logs); the
+    last row is the full network after the stages.
+    """
+
+    def stage(self, step, tables):
+        """The 0-based stage of `step` (`len(ends)` after the stages)."""
+        step = ops.cast(step, "int32")
+        return ops.sum(ops.cast(ops.greater_equal(step, tables["ends"]), "int32"))
+
+    def keep(self, step, tables):
+        return ops.take(tables["keep"], self.stage(step, tables), axis=0)
+
+    def logs(self, step, tables):
+        stage = self.stage(step, tables)
+        return {"stage": stage, "path_length": ops.take(tables["lengths"], stage)}
+
+
 class PathStrategy(keras.callbacks.Callback):
     """Base of the strategies: finds the model's plan and the static paths."""
 

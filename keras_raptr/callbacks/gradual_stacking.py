@@ -39,12 +39,12 @@ from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.callbacks._strategy import PathStrategy
-from keras_raptr.callbacks._strategy import Plan
+from keras_raptr.callbacks._strategy import StagedPlan
 from keras_raptr.schedules import Stage
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan(Plan):
+class _Plan(StagedPlan):
     depths: tuple
     ends: tuple
     num_blocks: int
@@ -66,21 +66,10 @@ class _Plan(Plan):
             {
                 "ends": np.asarray(self.ends, "int32"),
                 "keep": keep,
-                "depths": np.asarray(depths, "float32"),
+                "lengths": np.asarray(depths, "float32"),
             }
         )
         return tables
-
-    def _stage(self, step, tables):
-        step = ops.cast(step, "int32")
-        return ops.sum(ops.cast(ops.greater_equal(step, tables["ends"]), "int32"))
-
-    def keep(self, step, tables):
-        return ops.take(tables["keep"], self._stage(step, tables), axis=0)
-
-    def logs(self, step, tables):
-        stage = self._stage(step, tables)
-        return {"stage": stage, "path_length": ops.take(tables["depths"], stage)}
 
     def depth_at(self, step):
         stage = int(np.sum(np.asarray(self.ends) <= step))

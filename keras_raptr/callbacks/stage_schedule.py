@@ -36,12 +36,12 @@ from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.callbacks._strategy import PathStrategy
-from keras_raptr.callbacks._strategy import Plan
+from keras_raptr.callbacks._strategy import StagedPlan
 from keras_raptr.schedules import Stage
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan(Plan):
+class _Plan(StagedPlan):
     """A schedule resolved for a model with a given number of blocks."""
 
     stages: tuple
@@ -87,19 +87,8 @@ class _Plan(Plan):
         )
         return tables
 
-    def _stage(self, step, tables):
-        step = ops.cast(step, "int32")
-        return ops.sum(ops.cast(ops.greater_equal(step, tables["ends"]), "int32"))
-
-    def keep(self, step, tables):
-        return ops.take(tables["keep"], self._stage(step, tables), axis=0)
-
     def count(self, step, tables):
-        return ops.take(tables["counts"], self._stage(step, tables))
-
-    def logs(self, step, tables):
-        stage = self._stage(step, tables)
-        return {"stage": stage, "path_length": ops.take(tables["lengths"], stage)}
+        return ops.take(tables["counts"], self.stage(step, tables))
 
     def static_path(self, start, stop):
         """The path of every step in `[start, stop)`, if it is always the same.
