@@ -74,6 +74,23 @@ class Stage:
         return {"path_length": self.path_length, "steps": self.steps}
 
 
+def stage_list(stages):
+    """`stages` as a list of `Stage` (configs accepted), or a clear error."""
+    if isinstance(stages, Stage) or not hasattr(stages, "__iter__"):
+        raise ValueError(
+            f"`stages` must be a list of `keras_raptr.Stage`, got {stages!r}."
+        )
+    stages = [Stage(**stage) if isinstance(stage, dict) else stage for stage in stages]
+    if not stages:
+        raise ValueError("`stages` is empty: pass at least one `keras_raptr.Stage`.")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, Stage):
+            raise ValueError(
+                f"`stages[{i}]` must be a `keras_raptr.Stage`, got {stage!r}."
+            )
+    return stages
+
+
 def parse_spec(spec, total_steps):
     """Parses the paper's notation into equal-length stages.
 

@@ -40,7 +40,6 @@ from keras import ops
 from keras_raptr import schedules
 from keras_raptr.callbacks._strategy import PathStrategy
 from keras_raptr.callbacks._strategy import StagedPlan
-from keras_raptr.schedules import Stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,20 +110,8 @@ class GradualStacking(PathStrategy):
 
     def __init__(self, stages):
         super().__init__()
-        if isinstance(stages, Stage) or not hasattr(stages, "__iter__"):
-            raise ValueError(
-                f"`stages` must be a list of `keras_raptr.Stage`, got {stages!r}."
-            )
-        stages = [
-            Stage(**stage) if isinstance(stage, dict) else stage for stage in stages
-        ]
-        if not stages:
-            raise ValueError("`stages` is empty: pass at least one `keras_raptr.Stage`.")
+        stages = schedules.stage_list(stages)
         for i, stage in enumerate(stages):
-            if not isinstance(stage, Stage):
-                raise ValueError(
-                    f"`stages[{i}]` must be a `keras_raptr.Stage`, got {stage!r}."
-                )
             if stage.path_length != int(stage.path_length) or stage.path_length < 1:
                 raise ValueError(
                     f"Stage {i} has depth {stage.path_length:g}: stacking trains "

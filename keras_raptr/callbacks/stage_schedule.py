@@ -37,7 +37,6 @@ from keras import ops
 from keras_raptr import schedules
 from keras_raptr.callbacks._strategy import PathStrategy
 from keras_raptr.callbacks._strategy import StagedPlan
-from keras_raptr.schedules import Stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,22 +172,7 @@ class StageSchedule(PathStrategy):
         self, stages, fixed_blocks=(0, -1), sampling="bernoulli", scaling="none"
     ):
         super().__init__()
-        if isinstance(stages, Stage) or not hasattr(stages, "__iter__"):
-            raise ValueError(
-                f"`stages` must be a list of `keras_raptr.Stage`, got {stages!r}."
-            )
-        stages = [
-            Stage(**stage) if isinstance(stage, dict) else stage for stage in stages
-        ]
-        if not stages:
-            raise ValueError(
-                "`stages` is empty: pass at least one `keras_raptr.Stage`."
-            )
-        for i, stage in enumerate(stages):
-            if not isinstance(stage, Stage):
-                raise ValueError(
-                    f"`stages[{i}]` must be a `keras_raptr.Stage`, got {stage!r}."
-                )
+        stages = schedules.stage_list(stages)
         if isinstance(fixed_blocks, int) or not hasattr(fixed_blocks, "__iter__"):
             raise ValueError(
                 "`fixed_blocks` must be a tuple of block indices, got "
