@@ -29,10 +29,11 @@ class RandomPartModel(keras.Model):
     right stage. Without a schedule, and always in `evaluate`, `predict` and
     `model(x)`, the full network runs: the output equals `model.inner(x)`.
 
-    The compiled train step is built at most three times per schedule, each
-    on first use: for the stages that sample a path; for the stages in which
-    every block is on (the plain network, without any conditional); and for
-    stages that run only the fixed blocks (the others left out entirely).
+    The compiled train step is built on first use once for the steps that
+    sample a path, and once per static path (a path the strategy knows to be
+    the same at every step of a stage): every block on (the plain network,
+    without any conditional), only the fixed blocks, or a stacking prefix.
+    The other blocks are left out of a static path's step entirely.
 
     Args:
         model: `keras.Model` or `keras.layers.Layer`. The model to wrap.
@@ -49,7 +50,8 @@ class RandomPartModel(keras.Model):
     Attributes:
         inner: the wrapped model. Save or export it to get a plain model.
         blocks: list of the `RandomSkip` layers, in depth order.
-        schedule: the `StageSchedule` of the last `fit`, or `None`.
+        schedule: the strategy (`StageSchedule`, ...) of the last `fit`, or
+            `None`.
 
     Example:
 
