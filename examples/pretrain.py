@@ -12,8 +12,9 @@ keras-hub `BertBackbone` and `BertMaskedLM` built from config (12 blocks,
 width 128), trained to predict 15% of masked tokens, under RaPTr `6-8-10-12`
 (`--method raptr`, the default), or a peer: `baseline` (every block, every
 step), `pld`, `stochastic-depth` (both matched to RaPTr's compute), or
-`stacking` (`6-9-12`). `--objective clm` trains a GPT-2-style causal LM on
-the same tokens instead.
+`stacking` (`6-9-12`). For RaPTr, `--sampling`, `--scaling` and
+`--fixed-blocks` set the `StageSchedule` options. `--objective clm` trains a
+GPT-2-style causal LM on the same tokens instead.
 
 The progress bar shows the loss, the stage and the path length; the held-out
 loss is measured every `--eval-every` steps. At the end it prints the
@@ -21,7 +22,9 @@ held-out loss, the wall-clock time and the compute used against full
 training, and writes under `--output-dir` (default `runs/<timestamp>`):
 
 - `summary.json`: method, backend, steps, final_eval_loss,
-  wall_clock_seconds, compute_fraction, train_flops, and the run's options;
+  wall_clock_seconds (of which eval_seconds and checkpoint_seconds),
+  compute_fraction, train_flops, full_train_flops, the FLOPs of one full
+  step split into blocks and the rest, and the run's options;
 - `loss_curve.csv`: step, train_flops, wall_clock_seconds, loss, eval_loss;
 - `loss.png`: held-out loss against training FLOPs and against wall-clock;
 - `model/`: the trained model as a keras-hub preset (loads without
@@ -134,10 +137,16 @@ def load_texts(args):
             f"--dataset {args.dataset!r}: the corpus is empty (or under 100 "
             "characters); pass text to train on."
         )
+    if len(texts) < 2:
+        raise ExampleError(
+            f"--dataset {args.dataset!r}: the corpus is one text (file or "
+            "record); at least 2 are needed, one to train on and one to hold out."
+        )
     return texts
 
 
 def split_texts(texts, seed):
+    """A twentieth of the texts (at least one) held out for evaluation."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))
     held = max(1, len(texts) // 20)
@@ -272,7 +281,9 @@ def make_strategy(args, num_blocks):
         if args.method == "baseline":
             return None
         if args.method == "raptr":
-            return keras_raptr.StageSchedule.from_spec(spec, total_steps=args.steps)
+            return keras_raptr.StageSchedule.from_spec(
+                spec, total_steps=args.steps, **raptr_options(args)
+            )
         if args.method == "stacking":
             return keras_raptr.GradualStacking.from_spec(spec, total_steps=args.steps)
         if spec == "matched":
@@ -292,6 +303,26 @@ def make_strategy(args, num_blocks):
         return keras_raptr.StochasticDepth.from_compute_fraction(fraction, num_blocks)
     except ValueError as error:
         raise ExampleError(f"--schedule {spec!r} for --method {args.method}: {error}") from error
+
+
+def raptr_options(args):
+    """`StageSchedule` options from `--sampling`, `--scaling`, `--fixed-blocks`."""
+    fixed = getattr(args, "fixed_blocks", "0,-1")
+    if fixed == "none":
+        fixed_blocks = ()
+    else:
+        try:
+            fixed_blocks = tuple(int(i) for i in fixed.split(","))
+        except ValueError:
+            raise ExampleError(
+                f"--fixed-blocks {fixed!r}: give block indices separated by "
+                "commas (e.g. 0,-1) or none."
+            ) from None
+    return {
+        "sampling": getattr(args, "sampling", "bernoulli"),
+        "scaling": getattr(args, "scaling", "none"),
+        "fixed_blocks": fixed_blocks,
+    }
 
 
 def compute_fraction(strategy, num_blocks, steps):
@@ -331,10 +362,24 @@ class Curve:
             writer.writerows(self.rows)
 
 
-def recorder(curve, counter, clock, checkpoint):
+def recorder(curve, counter, clock, checkpoint, timers):
+    """Records the curve and saves the checkpoint at each epoch's end.
+
+    `timers` accumulates the seconds spent evaluating and checkpointing, so
+    that the training time can be told apart from them.
+    """
     import keras
 
     class Record(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            # Wait for the queued train steps first (JAX dispatches them
+            # ahead), so that their time is not counted as evaluation.
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            self._test_start = time.perf_counter()
+
+        def on_test_end(self, logs=None):
+            timers["eval_seconds"] += time.perf_counter() - self._test_start
+
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -347,13 +392,35 @@ def recorder(curve, counter, clock, checkpoint):
                     "eval_loss": float(logs.get("val_loss", float("nan"))),
                 }
             )
+            start = time.perf_counter()
             self.model.save(checkpoint)
+            timers["checkpoint_seconds"] += time.perf_counter() - start
 
     return Record()
 
 
-def run(args, output_dir):
-    """One training run; returns its summary."""
+_CORPUS = {}
+
+
+def corpus(args):
+    """Training and held-out texts and the tokenizer, cached per process."""
+    key = (args.dataset, args.data_dir, args.seed, args.vocabulary_size, args.preset)
+    if key not in _CORPUS:
+        texts = load_texts(args)
+        train_texts, held_texts = split_texts(texts, args.seed)
+        tokenizer = None if args.preset else word_piece_tokenizer(
+            train_texts, args.vocabulary_size
+        )
+        _CORPUS.clear()
+        _CORPUS[key] = (train_texts, held_texts, tokenizer)
+    return _CORPUS[key]
+
+
+def run(args, output_dir, callbacks=()):
+    """One training run; returns its summary.
+
+    `callbacks` are extra Keras callbacks for `fit` (the benchmarks use them).
+    """
     import keras
 
     import keras_raptr
@@ -361,8 +428,7 @@ def run(args, output_dir):
     os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    texts = load_texts(args)
-    train_texts, held_texts = split_texts(texts, args.seed)
+    train_texts, held_texts, tokenizer = corpus(args)
 
     body = args.seq_len - 2 if args.objective == "mlm" else args.seq_len + 1
     checkpoint = os.path.join(output_dir, "checkpoint.keras")
@@ -372,8 +438,6 @@ def run(args, output_dir):
         task, tokenizer = preset_task(args)
         # Batches are made here, already tokenized and masked.
         task.preprocessor = None
-    else:
-        tokenizer = word_piece_tokenizer(train_texts, args.vocabulary_size)
     vocabulary_size = tokenizer.vocabulary_size()
     train = windows(tokenizer, train_texts, body)
     held = windows(tokenizer, held_texts, body)[: args.eval_windows]
@@ -414,6 +478,7 @@ def run(args, output_dir):
     counter = keras_raptr.TrainFlops(args.batch_size, sequence_length=length)
     curve = Curve(os.path.join(output_dir, "loss_curve.csv"))
     elapsed = curve.rows[-1]["wall_clock_seconds"] if curve.rows else 0.0
+    timers = {"eval_seconds": 0.0, "checkpoint_seconds": 0.0}
     start = time.perf_counter()
 
     def clock():
@@ -425,7 +490,7 @@ def run(args, output_dir):
     # A resumed run continues with the batches it had not seen.
     x = {k: v[done * args.batch_size:] for k, v in x.items()}
     y, w = y[done * args.batch_size:], w[done * args.batch_size:]
-    callbacks = [counter, recorder(curve, counter, clock, checkpoint)]
+    callbacks = [counter, recorder(curve, counter, clock, checkpoint, timers), *callbacks]
     if strategy is not None:
         callbacks.insert(0, strategy)
     if args.stop_after is not None:
@@ -438,6 +503,7 @@ def run(args, output_dir):
         callbacks=callbacks, verbose=args.verbose,
     )
     seconds = clock()
+    per_step = keras_raptr.train_flops_per_step(model, args.batch_size, length)
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     final = curve.rows[-1]["eval_loss"] if curve.rows else float("nan")
     summary = {
@@ -447,11 +513,16 @@ def run(args, output_dir):
         "steps": steps,
         "final_eval_loss": final,
         "wall_clock_seconds": seconds,
+        # This invocation's split of its time (a resumed run counts its own).
+        "eval_seconds": timers["eval_seconds"],
+        "checkpoint_seconds": timers["checkpoint_seconds"],
         "compute_fraction": fraction,
         "train_flops": counter.train_flops,
         "full_train_flops": keras_raptr.estimate_train_flops(
             model, args.batch_size, length, steps=steps
         ),
+        "block_flops_per_step": sum(per_step["blocks"]),
+        "other_flops_per_step": per_step["other"],
         "num_blocks": num_blocks,
         "strategy": repr(strategy),
         "options": vars(args),
@@ -533,6 +604,12 @@ def parse_args(argv=None):
         help="raptr, stacking: a spec such as 6-8-10-12; pld, stochastic-depth: "
         "the target compute fraction (default: RaPTr's default schedule's)",
     )
+    parser.add_argument("--sampling", choices=("bernoulli", "subset"), default="bernoulli",
+                        help="RaPTr's path sampling (--method raptr)")
+    parser.add_argument("--scaling", choices=("none", "inverse"), default="none",
+                        help="RaPTr's output scaling of kept blocks (--method raptr)")
+    parser.add_argument("--fixed-blocks", default="0,-1",
+                        help="blocks always on RaPTr's path: indices like 0,-1, or none")
     parser.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
     parser.add_argument("--preset", default=None, help="a keras-hub preset name or local preset directory to start from")
     parser.add_argument("--dataset", default="stdlib", help="stdlib, tfds:NAME[:SPLIT], or a glob of text files")

@@ -158,6 +158,10 @@ def test_empty_or_missing_corpus(example, tmp_path, capsys):
     missing = str(tmp_path / "nothing" / "*.txt")
     assert example.main(["--dataset", missing, "--output-dir", str(tmp_path / "o"), *TINY]) == 2
     assert "no file matches" in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("A single text cannot be split into training and held-out parts. " * 5)
+    assert example.main(["--dataset", str(one), "--output-dir", str(tmp_path / "o"), *TINY]) == 2
+    assert "the corpus is one text" in capsys.readouterr().err
 
 
 def test_unknown_method_is_a_usage_error(example, capsys):
@@ -180,3 +184,26 @@ def test_start_from_a_local_preset(example, text_glob, tmp_path):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["num_blocks"] == 4 and summary["steps"] == 6
+
+
+def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, text_glob, tmp_path):
+    out = str(tmp_path / "options")
+    argv = ["--dataset", text_glob, "--output-dir", out, *TINY,
+            "--sampling", "subset", "--scaling", "inverse", "--fixed-blocks", "none"]
+    assert example.main(argv) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    strategy = summary["strategy"]
+    assert "fixed_blocks=()" in strategy
+    assert "sampling='subset'" in strategy and "scaling='inverse'" in strategy
+    # Two evaluations and two checkpoints, inside the run's wall-clock.
+    assert summary["eval_seconds"] > 0 and summary["checkpoint_seconds"] > 0
+    assert summary["eval_seconds"] + summary["checkpoint_seconds"] < summary["wall_clock_seconds"]
+    per_step = summary["block_flops_per_step"] + summary["other_flops_per_step"]
+    assert per_step * summary["steps"] == pytest.approx(summary["full_train_flops"])
+
+
+def test_bad_fixed_blocks_exit_with_a_message(example, text_glob, tmp_path, capsys):
+    argv = ["--dataset", text_glob, "--output-dir", str(tmp_path / "o"), *TINY, "--fixed-blocks", "first"]
+    assert example.main(argv) == 2
+    assert "--fixed-blocks 'first'" in capsys.readouterr().err
