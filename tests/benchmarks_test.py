@@ -1,0 +1,193 @@
+"""benchmarks/quality.py and benchmarks/example_speed.py, in a tiny configuration.
+
+The benchmarks' numbers are not checked here (they are measurements); what
+is checked is that they measure what they say: the step losses, the paired
+comparisons, the reuse of finished runs, and the ideal speed-up.
+"""
+
+import importlib.util
+import json
+import os
+import shlex
+
+import keras
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = (
+    "--num-layers 4 --hidden-dim 16 --num-heads 2 --seq-len 16 --batch-size 4 "
+    "--eval-windows 16 --vocabulary-size 300"
+)
+
+
+def load(name):
+    path = os.path.join(HERE, "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return load("quality")
+
+
+@pytest.fixture(scope="module")
+def quality_run(quality, tmp_path_factory):
+    """baseline, raptr and stacking for 24 steps, two seeds."""
+    root = tmp_path_factory.mktemp("quality")
+    argv = [
+        "--steps", "24", "--eval-every", "2", "--seeds", "0,1",
+        "--methods", "baseline,raptr,raptr-unfixed,stacking",
+        "--example-args", TINY,
+        "--results-dir", str(root / "results"), "--runs-dir", str(root / "runs"),
+    ]
+    # Transitions are at steps 6, 12, 18 (RaPTr) and 8, 16 (stacking).
+    quality.JUMP_WINDOW = 2
+    assert quality.main(argv) == 0
+    backend = keras.backend.backend()
+    with open(root / "results" / f"quality_{backend}.json") as f:
+        return argv, root, json.load(f)
+
+
+def test_step_losses_average_to_each_logged_epoch_loss(quality_run):
+    _, _, data = quality_run
+    for run in data["runs"]:
+        losses = run["step_losses"]
+        assert len(losses) == 24
+        for row in run["curve"]:
+            step = int(row["step"])
+            # Epochs of 2 steps: Keras logs the mean of the epoch's steps.
+            assert np.mean(losses[step - 2:step]) == pytest.approx(row["loss"], rel=1e-4)
+
+
+def test_table_pairs_each_method_with_the_baseline_of_its_seed(quality_run):
+    _, _, data = quality_run
+    table = data["methods"]
+    assert list(table) == ["baseline", "raptr", "stacking", "raptr-unfixed"]
+    assert table["baseline"]["diff_vs_baseline"]["mean"] == 0.0
+    runs = {(r["name"], r["seed"]): r["summary"]["final_eval_loss"] for r in data["runs"]}
+    diffs = [runs["raptr", s] - runs["baseline", s] for s in (0, 1)]
+    assert table["raptr"]["diff_vs_baseline"]["mean"] == pytest.approx(np.mean(diffs))
+    assert table["raptr"]["final_eval_loss"]["n"] == 2
+    # 2-2-3-4 over 4 blocks, and stacking 2-3-4: both 11/16 and 9/12 of the blocks.
+    assert table["raptr"]["compute_fraction"] == pytest.approx(11 / 16)
+    assert table["stacking"]["compute_fraction"] == pytest.approx(9 / 12)
+    unfixed = [runs["raptr-unfixed", s] - runs["raptr", s] for s in (0, 1)]
+    assert table["raptr-unfixed"]["diff_vs_raptr"]["mean"] == pytest.approx(np.mean(unfixed))
+    assert table["raptr"]["diff_vs_raptr"]["n"] == 0
+
+
+def test_transitions_are_measured_at_each_stage_boundary(quality_run):
+    _, _, data = quality_run
+    table = data["methods"]
+    assert [t["step"] for t in table["raptr"]["transitions"]] == [6, 12, 18]
+    assert [t["step"] for t in table["stacking"]["transitions"]] == [8, 16]
+    assert table["baseline"]["transitions"] == []
+    run = next(r for r in data["runs"] if r["name"] == "raptr" and r["seed"] == 0)
+    base = next(r for r in data["runs"] if r["name"] == "baseline" and r["seed"] == 0)
+    jump = next(j for j in table["raptr"]["transitions"] if j["step"] == 12)
+    # Means over the two seeds of: the 2 steps after minus the 2 before.
+    assert "train_jump" in jump and "baseline_train_jump" in jump
+    one = np.mean(run["step_losses"][12:14]) - np.mean(run["step_losses"][10:12])
+    other = next(r for r in data["runs"] if r["name"] == "raptr" and r["seed"] == 1)
+    two = np.mean(other["step_losses"][12:14]) - np.mean(other["step_losses"][10:12])
+    assert jump["train_jump"] == pytest.approx((one + two) / 2)
+    # The held-out change over the next evaluation interval, and the baseline's.
+    changes, base_changes = [], []
+    for seed in (0, 1):
+        for name, into in (("raptr", changes), ("baseline", base_changes)):
+            r = next(r for r in data["runs"] if r["name"] == name and r["seed"] == seed)
+            curve = {int(row["step"]): row["eval_loss"] for row in r["curve"]}
+            into.append(curve[14] - curve[12])
+    assert jump["eval_change"] == pytest.approx(np.mean(changes))
+    assert jump["baseline_eval_change"] == pytest.approx(np.mean(base_changes))
+    assert run["boundaries"] == [6, 12, 18] and base["boundaries"] == []
+
+
+def test_outputs_and_reuse_of_finished_runs(quality, quality_run, capsys):
+    argv, root, data = quality_run
+    backend = keras.backend.backend()
+    text = (root / "results" / "quality.md").read_text()
+    for name in ("baseline", "raptr", "stacking", "raptr-unfixed"):
+        assert f"| {name} |" in text
+    for stem in ("quality", "quality_ablations", "quality_transitions"):
+        assert (root / "results" / f"{stem}.png").stat().st_size > 0
+    capsys.readouterr()
+    assert quality.main(argv) == 0
+    assert capsys.readouterr().out.count("reusing") == 8
+    with open(root / "results" / f"quality_{backend}.json") as f:
+        again = json.load(f)
+    assert again["methods"]["raptr"]["final_eval_loss"] == data["methods"]["raptr"]["final_eval_loss"]
+
+
+def test_steps_to_reach_interpolates_between_evaluations(quality):
+    curve = [{"step": 10, "eval_loss": 5.0}, {"step": 20, "eval_loss": 4.0}]
+    assert quality._steps_to_reach(curve, 4.5) == pytest.approx(15)
+    assert quality._steps_to_reach(curve, 5.5) == 10
+    assert quality._steps_to_reach(curve, 3.0) is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "100"], "multiple of 12"),
+        (["--steps", "120", "--eval-every", "7"], "--eval-every 7 must divide 30 and 40"),
+        (["--methods", "raptr,dropout"], "unknown --methods ['dropout']"),
+        (["--seeds", "a"], "--seeds 'a'"),
+    ],
+)
+def test_quality_bad_arguments(quality, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        quality.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path):
+    speed = load("example_speed")
+    backend = keras.backend.backend()
+    argv = [
+        "--backends", backend, "--steps", "8", "--eval-every", "4",
+        "--example-args", TINY + " --dataset " + shlex.quote(_texts(tmp_path)),
+        "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"),
+    ]
+    assert speed.main(argv) == 0
+    with open(tmp_path / "results" / "example_speed.json") as f:
+        row = json.load(f)["backends"][0]
+    assert row["backend"] == backend
+    raptr = row["runs"]["raptr"][0]
+    baseline = row["runs"]["baseline"][0]
+    assert baseline["steps"] == raptr["steps"] == 8
+    assert row["ideal"] == pytest.approx(baseline["train_flops"] / raptr["train_flops"])
+    assert row["ideal_masked_head"] > row["ideal"] > 1
+    assert row["train_speedup"] == pytest.approx(
+        speed.train_seconds(baseline) / speed.train_seconds(raptr)
+    )
+    assert f"| {backend} |" in (tmp_path / "results" / "example_speed.md").read_text()
+
+
+def test_ideal_speedup_with_the_head_at_masked_positions():
+    speed = load("example_speed")
+    summary = {
+        "full_train_flops": 1100.0, "train_flops": 850.0, "compute_fraction": 0.75,
+        "block_flops_per_step": 1000.0, "other_flops_per_step": 100.0,
+        "objective": "mlm", "options": {"seq_len": 22},
+    }
+    estimate, masked = speed.ideal(summary)
+    assert estimate == pytest.approx(1100 / 850)
+    # 15% of the 20 body tokens: 3 of 22 positions run the head.
+    other = 100 * 3 / 22
+    assert masked == pytest.approx((1000 + other) / (750 + other))
+    assert speed.ideal({**summary, "objective": "clm"})[1] == pytest.approx(estimate)
+
+
+def _texts(tmp_path):
+    from pydoc_data import topics
+
+    texts = list(topics.topics.values())[:60]
+    for i in range(3):
+        (tmp_path / f"part_{i}.txt").write_text("\n\n".join(texts[i::3]))
+    return str(tmp_path / "part_*.txt")
