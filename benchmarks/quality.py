@@ -22,7 +22,7 @@ and, at each stage transition, how the training and held-out losses moved
 right after it (next to the baseline's move over the same steps).
 
     KERAS_BACKEND=jax python benchmarks/quality.py --quick   # under 10 minutes
-    KERAS_BACKEND=jax python benchmarks/quality.py           # about 1.5 hours here
+    KERAS_BACKEND=jax python benchmarks/quality.py           # about 75 minutes here
 
 Writes `benchmarks/results/quality_<backend>[_quick].json`, a Markdown table
 `quality[_quick].md`, and the plots `quality[_quick].png` (held-out loss
