@@ -35,7 +35,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BACKENDS = ("jax", "tensorflow", "torch")
-MASK_RATE = 0.15  # as in the example's `mlm_batch`
 
 
 def run_example(backend, method, args, directory):
@@ -61,12 +60,9 @@ def train_seconds(summary):
 
 def ideal(summary):
     """Full-training FLOPs over RaPTr's: as estimated, and with a masked head."""
-    seq_len = summary["options"]["seq_len"]
     estimate = summary["full_train_flops"] / summary["train_flops"]
     blocks, other = summary["block_flops_per_step"], summary["other_flops_per_step"]
-    masked = 1.0  # a causal LM's head runs at every token
-    if summary["objective"] == "mlm":
-        masked = max(1, int(round(MASK_RATE * (seq_len - 2)))) / seq_len
+    masked = summary["head_positions_per_sequence"] / summary["options"]["seq_len"]
     fraction = summary["compute_fraction"]
     masked_ideal = (blocks + masked * other) / (fraction * blocks + masked * other)
     return estimate, masked_ideal
@@ -74,16 +70,14 @@ def ideal(summary):
 
 def measure(backend, args):
     times = {"baseline": [], "raptr": []}
-    raptr = None
     for repeat in range(args.repeats):
         for method in ("baseline", "raptr"):
             directory = os.path.join(args.runs_dir, backend, f"{method}-{repeat}")
             summary = run_example(backend, method, args, directory)
             times[method].append(summary)
-            raptr = summary if method == "raptr" else raptr
             print(f"{backend} {method} #{repeat}: {summary['wall_clock_seconds']:.1f}s "
                   f"(train {train_seconds(summary):.1f}s)", flush=True)
-    estimate, masked = ideal(raptr)
+    estimate, masked = ideal(times["raptr"][-1])
     median = {
         m: {
             "whole": float(np.median([s["wall_clock_seconds"] for s in runs])),

@@ -306,8 +306,6 @@ def _at_wall(name, row):
 
 
 def _fmt(stats, digits=3):
-    if "mean" not in stats:
-        return ", ".join(f"{k}={v}" for k, v in stats.items() if k != "method")
     if stats["mean"] is None:
         return "n/a"
     if stats["n"] < 2:
@@ -350,8 +348,11 @@ def markdown(table, meta):
             f"{_at_wall(name, row)} | {reach_text} |"
         )
         if row["diff_vs_raptr"]["n"]:
+            options = ", ".join(
+                f"{k}={v}" for k, v in row["options"].items() if k != "method"
+            )
             ablations.append(
-                f"| {name} | {_fmt(row['options'])} | {_fmt(row['diff_vs_raptr'])} |"
+                f"| {name} | {options} | {_fmt(row['diff_vs_raptr'])} |"
             )
     if ablations:
         lines += [

@@ -24,7 +24,8 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
 - `summary.json`: method, backend, steps, final_eval_loss,
   wall_clock_seconds (of which eval_seconds and checkpoint_seconds),
   compute_fraction, train_flops, full_train_flops, the FLOPs of one full
-  step split into blocks and the rest, and the run's options;
+  step split into blocks and the rest, head_positions_per_sequence, and the
+  run's options;
 - `loss_curve.csv`: step, train_flops, wall_clock_seconds, loss, eval_loss;
 - `loss.png`: held-out loss against training FLOPs and against wall-clock;
 - `model/`: the trained model as a keras-hub preset (loads without
@@ -181,15 +182,23 @@ def windows(tokenizer, texts, length):
     return ids[: count * length].reshape(count, length)
 
 
-def mlm_batch(rows, rng, vocabulary_size, mask_rate=0.15):
+MASK_RATE = 0.15
+
+
+def num_masked(body, mask_rate=MASK_RATE):
+    """Masked positions per sequence of `body` tokens (the MLM head runs there)."""
+    return max(1, int(round(mask_rate * body)))
+
+
+def mlm_batch(rows, rng, vocabulary_size, mask_rate=MASK_RATE):
     """BERT inputs, with 15% of tokens masked (80% [MASK], 10% random, 10% kept)."""
     n, body = rows.shape
     tokens = np.concatenate(
         [np.full((n, 1), CLS), rows, np.full((n, 1), SEP)], axis=1
     ).astype("int32")
-    num_masked = max(1, int(round(mask_rate * body)))
+    count = num_masked(body, mask_rate)
     positions = np.sort(
-        np.stack([rng.choice(body, num_masked, replace=False) + 1 for _ in range(n)]),
+        np.stack([rng.choice(body, count, replace=False) + 1 for _ in range(n)]),
         axis=1,
     ).astype("int32")
     labels = np.take_along_axis(tokens, positions, axis=1)
@@ -523,6 +532,10 @@ def run(args, output_dir, callbacks=()):
         ),
         "block_flops_per_step": sum(per_step["blocks"]),
         "other_flops_per_step": per_step["other"],
+        # Where the output head runs: the masked positions, or every token.
+        "head_positions_per_sequence": (
+            num_masked(body) if args.objective == "mlm" else length
+        ),
         "num_blocks": num_blocks,
         "strategy": repr(strategy),
         "options": vars(args),

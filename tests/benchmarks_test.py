@@ -174,14 +174,15 @@ def test_ideal_speedup_with_the_head_at_masked_positions():
     summary = {
         "full_train_flops": 1100.0, "train_flops": 850.0, "compute_fraction": 0.75,
         "block_flops_per_step": 1000.0, "other_flops_per_step": 100.0,
-        "objective": "mlm", "options": {"seq_len": 22},
+        "head_positions_per_sequence": 3, "options": {"seq_len": 22},
     }
     estimate, masked = speed.ideal(summary)
     assert estimate == pytest.approx(1100 / 850)
     # 15% of the 20 body tokens: 3 of 22 positions run the head.
     other = 100 * 3 / 22
     assert masked == pytest.approx((1000 + other) / (750 + other))
-    assert speed.ideal({**summary, "objective": "clm"})[1] == pytest.approx(estimate)
+    every_token = {**summary, "head_positions_per_sequence": 22}
+    assert speed.ideal(every_token)[1] == pytest.approx(estimate)
 
 
 def _texts(tmp_path):

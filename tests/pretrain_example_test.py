@@ -201,6 +201,8 @@ def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, t
     assert summary["eval_seconds"] + summary["checkpoint_seconds"] < summary["wall_clock_seconds"]
     per_step = summary["block_flops_per_step"] + summary["other_flops_per_step"]
     assert per_step * summary["steps"] == pytest.approx(summary["full_train_flops"])
+    # 15% of the 14 body tokens of a 16-token sequence: the head runs at 2.
+    assert summary["head_positions_per_sequence"] == 2
 
 
 def test_bad_fixed_blocks_exit_with_a_message(example, text_glob, tmp_path, capsys):
