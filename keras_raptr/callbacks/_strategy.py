@@ -14,6 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_raptr.engine.xp import KERAS
+
 
 class Plan:
     """A strategy resolved for a model with `num_blocks` blocks.
@@ -29,17 +31,21 @@ class Plan:
         fixed[list(self.fixed_blocks)] = True
         return {"fixed": fixed}
 
-    def keep(self, step, tables):
-        """Per-block keep probabilities at `step`, a `(num_blocks,)` tensor."""
+    def keep(self, step, tables, xp):
+        """Per-block keep probabilities at `step`, float32 `(num_blocks,)`.
+
+        Written once against `xp` (numpy on the host, `keras.ops` in the
+        step), with `tables` of the same kind.
+        """
         raise NotImplementedError
 
-    def count(self, step, tables):
+    def count(self, step, tables, xp):
         """Free blocks on the path at `step` (`subset` sampling only)."""
         raise NotImplementedError
 
     def logs(self, step, tables):
-        """The step's log entries (at least `path_length`)."""
-        return {"path_length": ops.sum(self.keep(step, tables))}
+        """The step's log entries (at least `path_length`), in `keras.ops`."""
+        return {"path_length": ops.sum(self.keep(step, tables, KERAS))}
 
     def static_path(self, start, stop):
         """The path of every step in `[start, stop)` if it is always the same.
@@ -65,16 +71,16 @@ class StagedPlan(Plan):
     last row is the full network after the stages.
     """
 
-    def stage(self, step, tables):
+    def stage(self, step, tables, xp):
         """The 0-based stage of `step` (`len(ends)` after the stages)."""
-        step = ops.cast(step, "int32")
-        return ops.sum(ops.cast(ops.greater_equal(step, tables["ends"]), "int32"))
+        step = xp.cast(step, "int32")
+        return xp.sum(xp.cast(xp.greater_equal(step, tables["ends"]), "int32"))
 
-    def keep(self, step, tables):
-        return ops.take(tables["keep"], self.stage(step, tables), axis=0)
+    def keep(self, step, tables, xp):
+        return xp.take(tables["keep"], self.stage(step, tables, xp), axis=0)
 
     def logs(self, step, tables):
-        stage = self.stage(step, tables)
+        stage = self.stage(step, tables, KERAS)
         return {"stage": stage, "path_length": ops.take(tables["lengths"], stage)}
 
 
@@ -113,12 +119,7 @@ class PathStrategy(keras.callbacks.Callback):
 
     def _update(self, batch):
         start = self._epoch_start_step + batch
-        # `batch` is the first step of the execution: with
-        # `steps_per_execution > 1` the whole chunk must run the same static
-        # path, else the gated step runs it (it computes each step's path
-        # exactly).
+        # `batch` is the first step of the execution: the model picks the
+        # train function for the `steps_per_execution` steps that follow.
         stop = start + max(1, int(getattr(self._model, "steps_per_execution", 1) or 1))
-        # A plain attribute: no Keras tracking on this per-batch path.
-        object.__setattr__(
-            self._model, "_static_path", self._plan.static_path(start, stop)
-        )
+        self._model._prepare_steps(start, stop)

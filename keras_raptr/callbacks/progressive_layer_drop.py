@@ -51,10 +51,15 @@ class _Plan(Plan):
         tables["depth"] = depth
         return tables
 
-    def keep(self, step, tables):
-        step = ops.cast(step, "float32")
-        theta = (1.0 - self.theta_bar) * ops.exp(-self.gamma * step) + self.theta_bar
-        return 1.0 - tables["depth"] * (1.0 - theta)
+    def keep(self, step, tables, xp):
+        step = xp.cast(step, "float32")
+        decay = xp.exp(xp.multiply(step, xp.constant(-self.gamma, "float32")))
+        theta = xp.add(
+            xp.multiply(decay, xp.constant(1.0 - self.theta_bar, "float32")),
+            xp.constant(self.theta_bar, "float32"),
+        )
+        one = xp.constant(1.0, "float32")
+        return one - tables["depth"] * (one - theta)
 
     def static_path(self, start, stop):
         return self.full_path() if self.theta_bar >= 1.0 else None

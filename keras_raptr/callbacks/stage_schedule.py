@@ -102,8 +102,8 @@ class _Plan(StagedPlan):
         )
         return tables
 
-    def count(self, step, tables):
-        return ops.take(tables["counts"], self.stage(step, tables))
+    def count(self, step, tables, xp):
+        return xp.take(tables["counts"], self.stage(step, tables, xp))
 
     def static_path(self, start, stop):
         """The path of every step in `[start, stop)`, if it is always the same.

@@ -50,7 +50,7 @@ class _Plan(Plan):
         tables["keep"] = np.asarray(self.keep_probabilities, "float32")
         return tables
 
-    def keep(self, step, tables):
+    def keep(self, step, tables, xp):
         return tables["keep"]
 
     def static_path(self, start, stop):

@@ -1,15 +1,20 @@
 """`RandomPartModel`: a Keras model that trains a random path of its blocks."""
 
 import inspect
+import random
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_raptr.engine import gather
+from keras_raptr.engine import path
+from keras_raptr.engine.xp import KERAS
+from keras_raptr.engine.xp import NUMPY
 from keras_raptr.layers.random_skip import RandomSkip
 from keras_raptr.layers.random_skip import wrapper_of
 from keras_raptr.models import _presets
-from keras_raptr.models._optimizer_gate import skip_off_path_updates
+from keras_raptr.engine.optimizer_gate import skip_off_path_updates
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")
@@ -122,7 +127,10 @@ class RandomPartModel(keras.Model):
         ):
             raise ValueError(f"`seed` must be an integer or None, got {seed!r}.")
         self.inner = model
-        self.seed = None if seed is None else int(seed)
+        # The path of every step is a function of this seed and the step; a
+        # seed drawn here is kept in the config, so that a saved model resumes
+        # with the same paths.
+        self.seed = random.randint(0, 2**31 - 1) if seed is None else int(seed)
         found = self.find_blocks(model) if blocks is None else blocks
         wrapped, given = self._wrap_blocks(model, found)
         # Not tracked as sub-layers: the blocks (and their weights) belong to
@@ -133,17 +141,16 @@ class RandomPartModel(keras.Model):
         # Names of the blocks as given (`None`: found by `find_blocks`), for
         # `get_config`.
         self._block_names = None if blocks is None else [b.name for b in given]
-        self._path_seed_generator = keras.random.SeedGenerator(
-            self.seed, name="path_seed_generator"
-        )
         # The strategy (`StageSchedule`, ...) of the last `fit`, and it
         # resolved for this model's blocks (`None`: train the full network).
         self._schedule = None
         self._plan = None
-        # The path of the next train step when it is known on the host, set by
-        # the strategy: a tuple of bools (block on or off; all on is the
-        # plain network), or `None` (drawn in the step).
-        object.__setattr__(self, "_static_path", None)
+        # The train function variant of the coming steps, set by the strategy
+        # before each execution (see `_prepare_steps`), and the optimizer
+        # step of the next train step as the host counts it.
+        object.__setattr__(self, "_variant", None)
+        object.__setattr__(self, "_host_step", 0)
+        object.__setattr__(self, "_layout", False)
         # Set while a gated train step is traced (JAX, TensorFlow) or run
         # (PyTorch): the per-block `(on, scale)` gates of the step's path.
         object.__setattr__(self, "_gates", None)
@@ -305,58 +312,60 @@ class RandomPartModel(keras.Model):
                 object.__setattr__(skip, "_gate", None)
 
     # ------------------------------------------------------------------
-    # The path, inside the compiled step.
+    # Training: which train function runs the coming steps, and the step.
 
-    def _sample_gates(self, step):
-        """Per-block gates for the step: one draw for the whole batch.
+    def _path_at(self, step, xp):
+        """The path at `step` and the per-block residual scales (or `None`)."""
+        tables = self._plan_tables if xp is NUMPY else self._plan_tensors
+        with np.errstate(over="ignore"):
+            on = path.draw(self._plan, tables, self.seed, step, xp)
+            scale = path.scales(self._plan, tables, step, xp)
+        return on, scale
 
-        Returns, per block, `None` for a fixed block, else `(on, scale)`: a
-        scalar boolean tensor (a Python bool on PyTorch) and the residual
-        scale (`None` without `scaling="inverse"`).
+    def _prepare_steps(self, start, stop):
+        """Picks the train function for optimizer steps `[start, stop)`.
+
+        Called by the strategy before each execution. A path the plan knows
+        to be the same at every step (every block, the fixed blocks, a
+        stacking prefix) has its own step with no path at all. Otherwise, on
+        JAX and TensorFlow, a chunk of steps whose paths have the same length
+        `k` runs the gathered step for `k` (`engine/gather.py`); a chunk of
+        mixed lengths, or blocks that cannot be gathered, run the fallback
+        step with one conditional per block. PyTorch runs every step eagerly
+        with the path computed on the host.
         """
-        tables = self._plan_tensors
-        plan = self._plan
-        num_blocks = len(self.blocks)
-        keep = plan.keep(step, tables)
-        fixed = tables["fixed"]
-        uniform = keras.random.uniform(
-            (num_blocks,), seed=self._path_seed_generator, dtype="float32"
-        )
-        if plan.sampling == "bernoulli":
-            on = ops.logical_or(fixed, ops.less(uniform, keep))
+        object.__setattr__(self, "_host_step", start)
+        static = self._plan.static_path(start, stop)
+        if static is not None:
+            variant = ("static", static)
+        elif keras.backend.backend() == "torch":
+            variant = ("host",)
         else:
-            # Exactly `count` free blocks: those with the smallest draws.
-            count = plan.count(step, tables)
-            draws = ops.where(fixed, 2.0, uniform)
-            rank = ops.sum(
-                ops.cast(ops.less(draws[None, :], draws[:, None]), "int32"), axis=1
-            )
-            on = ops.logical_or(fixed, ops.less(rank, count))
-        scale = None
-        if plan.scaling == "inverse":
-            scale = ops.divide(1.0, ops.maximum(keep, 1e-6))
-        free = [i not in plan.fixed_blocks for i in range(num_blocks)]
-        if keras.backend.backend() == "torch":
-            # One device-to-host copy per step, not one per block.
-            values = ops.stack(
-                [ops.cast(on, "float32"), ops.ones_like(keep) if scale is None else scale]
-            )
-            host = ops.convert_to_numpy(values)
-            gates = [
-                (bool(host[0, i]), float(host[1, i]) if scale is not None else None)
-                for i in range(num_blocks)
-            ]
-        else:
-            gates = [
-                (on[i], scale[i] if scale is not None else None)
-                for i in range(num_blocks)
-            ]
-        # A fixed block is always on and never scaled: no gate, no
-        # conditional, it runs as in the plain network.
-        return [gate if free[i] else None for i, gate in enumerate(gates)]
+            lengths = {
+                int(np.sum(self._path_at(step, NUMPY)[0])) for step in range(start, stop)
+            }
+            variant = ("drawn",)
+            if len(lengths) == 1 and self._gather_layout() is not None:
+                k = lengths.pop()
+                if k == len(self.blocks) and self._plan.scaling == "none":
+                    variant = ("static", self._plan.full_path())
+                else:
+                    variant = ("gather", k)
+        object.__setattr__(self, "_variant", variant)
 
-    # ------------------------------------------------------------------
-    # Training.
+    def _gather_layout(self):
+        """The blocks' `gather.Layout` (cached per `fit`), or `None`."""
+        if self._layout is False:
+            if keras.backend.backend() == "jax":
+                # Variables hold stale (donated) buffers during a JAX `fit`.
+                self.jax_state_sync()
+            if self.optimizer is not None and not self.optimizer.built:
+                # As Keras would at the first step (TensorFlow builds late).
+                self.optimizer.build(self.trainable_variables)
+            found, reason = gather.layout(self)
+            object.__setattr__(self, "_layout", found)
+            object.__setattr__(self, "_gather_fallback_reason", reason)
+        return self._layout
 
     def _free_block_variables(self):
         """Per non-fixed block, its trainable variables (cached per schedule)."""
@@ -384,67 +393,63 @@ class RandomPartModel(keras.Model):
             "Could not find the optimizer's step counter in the JAX train state."
         )
 
-    def _draw_path(self, step, args, sample=True):
-        """Samples the step's gates; on JAX, threads the seed through `args`.
-
-        With `sample=False` the seed only advances (one draw, as a sampled
-        step would take), so the sequence of paths does not depend on which
-        steps ran a static path.
-        """
-
-        def draw():
-            if sample:
-                return self._sample_gates(step)
-            self._path_seed_generator.next()
-            return None
-
-        if keras.backend.backend() != "jax":
-            return args, draw()
-        seed = self._path_seed_generator.state
-        (trainable, non_trainable, optimizer_vars, metrics_vars), *rest = args
-        non_trainable = list(non_trainable)
-        index = next(
-            i for i, v in enumerate(self.non_trainable_variables) if v is seed
-        )
-        with keras.StatelessScope(state_mapping=[(seed, non_trainable[index])]) as scope:
-            gates = draw()
-            non_trainable[index] = scope.get_current_value(seed)
-        state = (trainable, non_trainable, optimizer_vars, metrics_vars)
-        return (state, *rest), gates
+    def _run_gated(self, gates, args, kwargs):
+        """Keras' own step, with per-block gates and the optimizer gated alike."""
+        free = [gate[0] for i, gate in enumerate(gates) if i not in self._plan.fixed_blocks]
+        gates = [None if i in self._plan.fixed_blocks else g for i, g in enumerate(gates)]
+        object.__setattr__(self, "_gates", gates)
+        try:
+            with skip_off_path_updates(self.optimizer, self._free_block_variables(), free):
+                return super().train_step(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "_gates", None)
 
     def train_step(self, *args, **kwargs):
         if self._plan is None:
             return super().train_step(*args, **kwargs)
+        backend = keras.backend.backend()
         step = self._optimizer_step(args)
-        path = self._tracing_variant
-        if path is not None and all(path):
-            result = super().train_step(*args, **kwargs)
-        else:
-            if path is not None:
-                # A static path: the blocks off it are known when tracing,
-                # so they are left out of the step altogether.
-                args, _ = self._draw_path(step, args, sample=False)
-                fixed = self._plan.fixed_blocks
-                gates = [
-                    None if i in fixed else (bool(on), None)
-                    for i, on in enumerate(path)
-                ]
+        kind = self._tracing_variant[0]
+        num_blocks = len(self.blocks)
+        if kind == "static":
+            path_ = self._tracing_variant[1]
+            if all(path_):
+                result = super().train_step(*args, **kwargs)
             else:
-                # One path per step, drawn before the forward pass so that
-                # the optimizer can skip the same blocks.
-                args, gates = self._draw_path(step, args)
-            object.__setattr__(self, "_gates", gates)
-            try:
-                with skip_off_path_updates(
-                    self.optimizer,
-                    self._free_block_variables(),
-                    [gate[0] for gate in gates if gate is not None],
-                ):
-                    result = super().train_step(*args, **kwargs)
-            finally:
-                object.__setattr__(self, "_gates", None)
+                # The blocks off a static path are left out of the step.
+                result = self._run_gated([(bool(on), None) for on in path_], args, kwargs)
+        elif kind == "host":
+            # PyTorch, eager: the path of this step, computed on the host.
+            on, scale = self._path_at(self._host_step, NUMPY)
+            gates = [
+                (bool(on[i]), None if scale is None else float(scale[i]))
+                for i in range(num_blocks)
+            ]
+            result = self._run_gated(gates, args, kwargs)
+        else:
+            on, scale = self._path_at(step, KERAS)
+            if kind == "gather":
+                k = self._tracing_variant[1]
+                base = super().train_step
+                if backend == "jax":
+                    result = gather.jax_train_step(
+                        self, self._layout, k, on, scale, args[0], args[1], base
+                    )
+                else:
+                    result = gather.tf_train_step(
+                        self, self._layout, k, on, scale, args[0], base
+                    )
+            else:
+                # The fallback: one conditional per block.
+                gates = [
+                    (on[i], None if scale is None else scale[i])
+                    for i in range(num_blocks)
+                ]
+                result = self._run_gated(gates, args, kwargs)
+        if backend == "torch":
+            object.__setattr__(self, "_host_step", self._host_step + 1)
         logs = self._plan.logs(step, self._plan_tensors)
-        if keras.backend.backend() == "jax":
+        if backend == "jax":
             result_logs, state = result
             return {**result_logs, **logs}, state
         return {**result, **logs}
@@ -457,37 +462,38 @@ class RandomPartModel(keras.Model):
             and key == self._train_function_key
         ):
             return self.train_function
-        # One train function per kind of path: `None` (drawn in the step)
-        # or a static path (a tuple of bools: every block for the plain
-        # network, or a fixed set), made and compiled on first use.
+        # One train function per variant: a static path (every block for the
+        # plain network, the fixed blocks, a prefix), a path length `k` for
+        # the gathered step, the fallback step, or PyTorch's host path; made
+        # and compiled on first use, reused by every stage and `fit`.
         variants = {}
 
-        def variant(path):
-            if path not in variants:
+        def variant(key):
+            if key not in variants:
                 # A distinct step function per variant: JAX caches traces by
                 # function, and a bound `self.train_step` would be shared.
                 def step(*args, **kwargs):
-                    object.__setattr__(self, "_tracing_variant", path)
+                    object.__setattr__(self, "_tracing_variant", key)
                     return type(self).train_step(self, *args, **kwargs)
 
                 dispatcher = self.train_function
                 object.__setattr__(self, "train_step", step)
                 try:
                     super(RandomPartModel, self).make_train_function(force=True)
-                    variants[path] = self.train_function
+                    variants[key] = self.train_function
                 finally:
                     object.__delattr__(self, "train_step")
                     self.train_function = dispatcher
-            return variants[path]
+            return variants[key]
 
         def train_function(*args, **kwargs):
             if self._plan is None:
-                path = (True,) * len(self.blocks)
+                key = ("static", (True,) * len(self.blocks))
             else:
-                path = self._static_path
-            function = variant(path)
+                key = self._variant
+            function = variant(key)
             # PyTorch looks `train_step` up at each call: tell it the variant.
-            object.__setattr__(self, "_tracing_variant", path)
+            object.__setattr__(self, "_tracing_variant", key)
             return function(*args, **kwargs)
 
         self.train_function = train_function
@@ -507,7 +513,7 @@ class RandomPartModel(keras.Model):
         if schedule is None:
             self._schedule = None
             self._plan = None
-            object.__setattr__(self, "_static_path", None)
+            object.__setattr__(self, "_variant", None)
             return
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and getattr(
@@ -529,19 +535,21 @@ class RandomPartModel(keras.Model):
                 "path. Compile the model with `jit_compile=False`."
             )
         self._plan = schedule._resolve(len(self.blocks))
-        # Constants of the compiled step, made once, outside any trace.
-        # (Plain attributes: Keras must not track these as the model's own.)
+        # The plan's constant tables, for the host (numpy) and the compiled
+        # step (tensors made once, outside any trace). Plain attributes: Keras
+        # must not track these as the model's own.
+        tables = self._plan.tables()
+        object.__setattr__(self, "_plan_tables", tables)
         object.__setattr__(
             self,
             "_plan_tensors",
-            {
-                name: ops.convert_to_tensor(table)
-                for name, table in self._plan.tables().items()
-            },
+            {name: ops.convert_to_tensor(table) for name, table in tables.items()},
         )
         object.__setattr__(self, "_free_variables", None)
+        # The gather layout depends on the optimizer: found again per `fit`.
+        object.__setattr__(self, "_layout", False)
         self._schedule = schedule
-        object.__setattr__(self, "_static_path", None)
+        object.__setattr__(self, "_variant", None)
 
     # ------------------------------------------------------------------
     # Serialization.

@@ -1,0 +1,17 @@
+"""The train-step engine (private: users never import it).
+
+Read in this order:
+
+- `xp.py`: the two array namespaces, numpy (the host) and `keras.ops` (the
+  compiled step), under one set of names, so that a strategy's plan and the
+  path are written once and serve both.
+- `path.py`: the path of an optimizer step, a pure function of
+  `(seed, step)`, identical on the host and inside the step, on every
+  backend.
+- `gather.py`: the drawn-path step on JAX and TensorFlow without a
+  conditional per block: the on-path blocks' weights and optimizer slots are
+  gathered into the first `k` block positions, a plain `k`-block network
+  trains, and the results scatter back.
+- `optimizer_gate.py`: the fallback for blocks of different structures: one
+  conditional per block in the forward, backward and optimizer update.
+"""
