@@ -175,6 +175,25 @@ def _install(block, skip):
     object.__setattr__(block, "call", call)
 
 
+def check_functional_shapes(skip):
+    """Checks a block called in a Functional model (or a keras-hub backbone).
+
+    Such a block's symbolic input and output are known before any training
+    step, so a block that is not residual (its output's shape or dtype
+    differs from its first input's) is an error when it is wrapped, even if
+    no step ever runs it. Blocks outside a Functional graph are checked when
+    they run.
+    """
+    try:
+        inputs, outputs = skip.block.input, skip.block.output
+    except (AttributeError, ValueError):
+        return
+    first = keras.tree.flatten(inputs)
+    if not first or isinstance(outputs, (list, tuple, dict)):
+        return
+    _check_output(skip, first[0], outputs)
+
+
 def _check_output(skip, x, y):
     if not hasattr(y, "shape") or tuple(y.shape) != tuple(x.shape):
         raise ValueError(

@@ -12,6 +12,7 @@ from keras_raptr.engine import path
 from keras_raptr.engine.xp import KERAS
 from keras_raptr.engine.xp import NUMPY
 from keras_raptr.layers.random_skip import RandomSkip
+from keras_raptr.layers.random_skip import check_functional_shapes
 from keras_raptr.layers.random_skip import wrapper_of
 from keras_raptr.models import _presets
 from keras_raptr.engine.optimizer_gate import skip_off_path_updates
@@ -288,6 +289,7 @@ class RandomPartModel(keras.Model):
                 # A block wrapped before (by another RandomPartModel over the
                 # same model) keeps its wrapper.
                 block = wrapper_of(block) or RandomSkip(block)
+            check_functional_shapes(block)
             wrapped.append(block)
         if len({id(s.block) for s in wrapped}) != len(wrapped):
             raise ValueError("`blocks` lists the same block more than once.")
@@ -345,10 +347,13 @@ class RandomPartModel(keras.Model):
                 int(np.sum(self._path_at(step, NUMPY)[0])) for step in range(start, stop)
             }
             variant = ("drawn",)
+            k_blocks = len(self.blocks)
             if len(lengths) == 1 and self._gather_layout() is not None:
                 k = lengths.pop()
                 if k == len(self.blocks) and self._plan.scaling == "none":
                     variant = ("static", self._plan.full_path())
+                elif k == 0:
+                    variant = ("static", (False,) * k_blocks)
                 else:
                     variant = ("gather", k)
         object.__setattr__(self, "_variant", variant)
