@@ -5,10 +5,13 @@ trained (Adam, MSE on the last hidden states) as:
 
 - a `RandomPartModel` over all L blocks, trained with a one-stage
   `StageSchedule` of path length l (`sampling="subset"`: exactly l blocks a
-  step, the first and last fixed), for l = L/4, L/2, L (or `--lengths`).
-  With two fixed blocks, l = 2 is a path that is the same at every step (it
-  runs a train step compiled for it, with no conditionals); with
-  `--fixed-blocks none` every block is drawn, and every l draws its path;
+  step, so that a step costs what a plain l-block step costs). The cases,
+  in this order:
+  - drawn paths, what a schedule runs: L/4 and L/2 with no fixed block
+    (every block drawn), and L/2 with the first and last fixed (two drawn);
+  - the fixed blocks alone (2 of L, first and last): a static path, the
+    same at every step, with a train step of its own;
+  - the full path (L of L);
 - a plain Keras model built with exactly l blocks of the same widths.
 
 Both run through `model.fit`, interleaved round by round in one process, so
@@ -22,8 +25,6 @@ Usage:
     python benchmarks/step_time.py                   # every backend
     python benchmarks/step_time.py --backends jax    # one
     python benchmarks/step_time.py --quick           # a smoke run
-    python benchmarks/step_time.py --backends jax --fixed-blocks none \
-        --lengths 2,4 --tag drawn                      # paths drawn every step
 
 Writes `benchmarks/results/step_time_<backend>.json` per backend and
 `benchmarks/results/step_time.md` (a table of every backend in the results);
@@ -54,14 +55,6 @@ def parse_args(argv=None):
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument(
-        "--lengths", default="",
-        help="comma-separated path lengths to time (default: L/4, L/2 and L)",
-    )
-    parser.add_argument(
-        "--fixed-blocks", default="0,-1",
-        help="the schedule's fixed blocks, comma-separated, or 'none'",
-    )
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
@@ -81,7 +74,20 @@ def parse_args(argv=None):
     return args
 
 
-def build(args, num_blocks, random_part, path_length=None):
+def cases(num_blocks):
+    """`(name, fixed_blocks, path_length, target)` of every RaPTr row."""
+    quarter, half = max(1, num_blocks // 4), max(1, num_blocks // 2)
+    rows = [
+        ("drawn", (), quarter, 1.10),
+        ("drawn", (), half, 1.07),
+        ("drawn", (0, -1), half, 1.07),
+        ("fixed only", (0, -1), 2, 1.10),
+        ("full", (0, -1), num_blocks, 1.03),
+    ]
+    return [row for row in rows if row[0] != "drawn" or row[2] > len(row[1])]
+
+
+def build(args, num_blocks, random_part, path_length=None, fixed_blocks=()):
     import keras
     import keras_hub
 
@@ -107,7 +113,7 @@ def build(args, num_blocks, random_part, path_length=None):
         callbacks.append(
             keras_raptr.StageSchedule(
                 [keras_raptr.Stage(path_length, 10**9)],
-                fixed_blocks=_fixed_blocks(args),
+                fixed_blocks=fixed_blocks,
                 sampling="subset",
             )
         )
@@ -145,17 +151,13 @@ def run_child(args):
     x = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
     y = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
     num_blocks = args.num_blocks
-    if args.lengths:
-        lengths = sorted({int(n) for n in args.lengths.split(",")})
-    else:
-        lengths = sorted({max(2, num_blocks // 4), max(2, num_blocks // 2), num_blocks})
     variants = []
-    for length in lengths:
-        variants.append((f"plain_{length}", length, build(args, length, False)))
-        variants.append(
-            (f"raptr_{length}", length, build(args, num_blocks, True, length))
-        )
-    timers = {name: _EpochTimer() for name, _, _ in variants}
+    for length in sorted({case[2] for case in cases(num_blocks)}):
+        variants.append((f"plain_{length}", build(args, length, False)))
+    for name, fixed, length, _ in cases(num_blocks):
+        model = build(args, num_blocks, True, length, fixed)
+        variants.append((_key(name, fixed, length), model))
+    timers = {name: _EpochTimer() for name, _ in variants}
 
     def epoch(name, model, callbacks):
         model.fit(
@@ -163,20 +165,21 @@ def run_child(args):
             callbacks=callbacks + [timers[name].callback],
         )
 
-    for name, _, (model, callbacks) in variants:  # warm-up: compiles
+    for name, (model, callbacks) in variants:  # warm-up: compiles
         epoch(name, model, callbacks)
         timers[name].times.clear()
     for _ in range(args.rounds):
-        for name, _, (model, callbacks) in variants:
+        for name, (model, callbacks) in variants:
             epoch(name, model, callbacks)
 
     rows = []
-    for length in lengths:
+    for name, fixed, length, target in cases(num_blocks):
         plain = statistics.median(timers[f"plain_{length}"].times) / args.steps
-        raptr = statistics.median(timers[f"raptr_{length}"].times) / args.steps
-        target = 1.03 if length == num_blocks else 1.10
+        raptr = statistics.median(timers[_key(name, fixed, length)].times) / args.steps
         rows.append(
             {
+                "case": name,
+                "fixed_blocks": list(fixed),
                 "path_length": length,
                 "plain_ms": round(plain * 1e3, 2),
                 "raptr_ms": round(raptr * 1e3, 2),
@@ -199,7 +202,6 @@ def run_child(args):
         },
         "optimizer": args.optimizer,
         "sampling": "subset",
-        "fixed_blocks": list(_fixed_blocks(args)),
         "rows": rows,
     }
     os.makedirs(args.output_dir, exist_ok=True)
@@ -209,10 +211,8 @@ def run_child(args):
     print(json.dumps(result))
 
 
-def _fixed_blocks(args):
-    if args.fixed_blocks.strip().lower() == "none":
-        return ()
-    return tuple(int(i) for i in args.fixed_blocks.split(","))
+def _key(name, fixed, length):
+    return f"raptr_{name}_{_fixed_text(fixed)}_{length}"
 
 
 def _fixed_text(fixed):
@@ -246,15 +246,16 @@ def _device(backend):
 
 def table(results):
     lines = [
-        "| backend | device | optimizer | fixed blocks | path length | plain ms/step | RaPTr ms/step | ratio | target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | device | optimizer | path | fixed blocks | path length | plain ms/step | RaPTr ms/step | ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for row in result["rows"]:
             mark = "ok" if row["meets_target"] else "missed"
             lines.append(
                 f"| {result['backend']} | {result['device']} | {result['optimizer']} | "
-                f"{_fixed_text(result.get('fixed_blocks', [0, -1]))} | "
+                f"{row.get('case', '')} | "
+                f"{_fixed_text(row.get('fixed_blocks', result.get('fixed_blocks', [0, -1])))} | "
                 f"{row['path_length']} of "
                 f"{result['config']['num_blocks']} | {row['plain_ms']} | "
                 f"{row['raptr_ms']} | {row['ratio']:.3f} | "

@@ -23,6 +23,8 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
 
 - `summary.json`: method, backend, steps, final_eval_loss,
   wall_clock_seconds (of which eval_seconds and checkpoint_seconds),
+  compiled_train_steps (each train step compiled, with the seconds of its
+  first call) and compile_seconds (their sum),
   compute_fraction, train_flops, full_train_flops, the FLOPs of one full
   step split into blocks and the rest, head_positions_per_sequence, and the
   run's options;
@@ -537,6 +539,10 @@ def run(args, output_dir, callbacks=()):
             num_masked(body) if args.objective == "mlm" else length
         ),
         "num_blocks": num_blocks,
+        # The train steps this invocation compiled (one per kind of path),
+        # and the seconds their first calls took (tracing and compiling).
+        "compiled_train_steps": dict(getattr(model, "compiled_train_steps", {})),
+        "compile_seconds": sum(getattr(model, "compiled_train_steps", {}).values()),
         "strategy": repr(strategy),
         "options": vars(args),
     }
@@ -549,7 +555,9 @@ def run(args, output_dir, callbacks=()):
         f"method: {args.method}  held-out loss: {final:.4f}  wall-clock: "
         f"{seconds:.1f}s  block compute vs full training: "
         f"{summary['compute_fraction']:.2f}  training FLOPs vs full: "
-        f"{summary['train_flops'] / max(summary['full_train_flops'], 1):.2f}"
+        f"{summary['train_flops'] / max(summary['full_train_flops'], 1):.2f}  "
+        f"train steps compiled: {len(summary['compiled_train_steps'])} "
+        f"({summary['compile_seconds']:.1f}s)"
     )
     return summary
 

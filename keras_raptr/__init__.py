@@ -9,6 +9,8 @@ Public API:
 - `keras_raptr.ProgressiveLayerDrop`, `keras_raptr.StochasticDepth`,
   `keras_raptr.GradualStacking`: the peers of RaPTr, as the same kind of
   callback.
+- `keras_raptr.PathStrategy`, `keras_raptr.Plan`: the base classes of a
+  strategy, to write your own.
 - `keras_raptr.train_flops_per_step`, `keras_raptr.estimate_train_flops`,
   `keras_raptr.TrainFlops`: FLOPs accounting.
 - `keras_raptr.layers.RandomSkip`: the stochastic residual-skip layer.
@@ -16,6 +18,8 @@ Public API:
 
 from keras_raptr import layers
 from keras_raptr.callbacks.gradual_stacking import GradualStacking
+from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.callbacks.path_strategy import Plan
 from keras_raptr.callbacks.progressive_layer_drop import ProgressiveLayerDrop
 from keras_raptr.callbacks.stage_schedule import StageSchedule
 from keras_raptr.callbacks.stochastic_depth import StochasticDepth
@@ -28,6 +32,8 @@ from keras_raptr.version import __version__
 
 __all__ = [
     "GradualStacking",
+    "PathStrategy",
+    "Plan",
     "ProgressiveLayerDrop",
     "RandomPartModel",
     "Stage",

@@ -13,14 +13,21 @@ attention layer over sequences of length `s` with `d` = heads x head size
   runs on the masked positions only).
 
 Not counted: embedding lookups, biases, normalisation and other elementwise
-work, and the recomputation of an on-path block in the backward pass on JAX
+work, and the copies of the gathered step (memory traffic, no FLOPs). The
+gathered step (JAX and TensorFlow, blocks of one structure) and PyTorch run
+each on-path block once forward and once backward, which is what is counted:
+`tests/engine_test.py` holds XLA's FLOPs of a drawn path's step within 1.05x
+of a plain model of the path's length. Only the conditional fallback on JAX
+(blocks of different structures) does more than counted: it recomputes each
+drawn on-path block's forward pass in the backward pass
 (`layers/random_skip.py`). The estimate is what strategies are compared on,
 not a measurement.
 """
 
 import keras
 
-from keras_raptr.callbacks._strategy import PathStrategy
+from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.models.random_part_model import RandomPartModel
 
 
 def train_flops_per_step(model, batch_size, sequence_length=None):
@@ -151,8 +158,6 @@ class TrainFlops(keras.callbacks.Callback):
         self._step = 0
 
     def on_train_begin(self, logs=None):
-        from keras_raptr.models.random_part_model import RandomPartModel
-
         model = self.model
         if not isinstance(model, RandomPartModel):
             raise ValueError(

@@ -15,6 +15,7 @@ PUBLIC = {
     "ProgressiveLayerDrop": keras_raptr.ProgressiveLayerDrop,
     "StochasticDepth": keras_raptr.StochasticDepth,
     "GradualStacking": keras_raptr.GradualStacking,
+    "PathStrategy": keras_raptr.PathStrategy,
     "train_flops_per_step": keras_raptr.train_flops_per_step,
     "TrainFlops": keras_raptr.TrainFlops,
     "RandomSkip": keras_raptr.layers.RandomSkip,

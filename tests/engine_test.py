@@ -51,7 +51,7 @@ def on_blocks(mask):
 @pytest.mark.parametrize("sampling", ["bernoulli", "subset"])
 def test_paths_are_a_function_of_seed_and_step_on_every_backend(sampling):
     schedule = keras_raptr.StageSchedule([keras_raptr.Stage(4, 100)], sampling=sampling)
-    plan = schedule._resolve(8)
+    plan = schedule.resolve(8)
     tables = plan.tables()
     tensors = {name: ops.convert_to_tensor(t) for name, t in tables.items()}
     for step, expected in enumerate(GOLDEN[sampling]):

@@ -38,8 +38,8 @@ import numpy as np
 from keras import ops
 
 from keras_raptr import schedules
-from keras_raptr.callbacks._strategy import PathStrategy
-from keras_raptr.callbacks._strategy import StagedPlan
+from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.callbacks.path_strategy import StagedPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ class GradualStacking(PathStrategy):
 
     def depth_at(self, step, num_blocks):
         """The number of blocks trained at optimizer step `step`."""
-        return self._resolve(num_blocks).depth_at(step)
+        return self.resolve(num_blocks).depth_at(step)
 
     def keep_probabilities_at(self, step, num_blocks):
         """1 for the blocks of the prefix trained at `step`, else 0."""
@@ -151,10 +151,10 @@ class GradualStacking(PathStrategy):
 
     def compute_fraction(self, num_blocks):
         """Block compute over `total_steps` relative to full training."""
-        self._resolve(num_blocks)
+        self.resolve(num_blocks)
         return schedules.compute_fraction(self.stages, num_blocks, "subset")
 
-    def _resolve(self, num_blocks):
+    def resolve(self, num_blocks):
         deepest = max(int(stage.path_length) for stage in self.stages)
         if deepest > num_blocks:
             raise ValueError(

@@ -28,8 +28,8 @@ import numpy as np
 from keras import ops
 
 from keras_raptr import schedules
-from keras_raptr.callbacks._strategy import PathStrategy
-from keras_raptr.callbacks._strategy import Plan
+from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.callbacks.path_strategy import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ class ProgressiveLayerDrop(PathStrategy):
             self.theta_bar, self.gamma, num_blocks, total_steps
         )
 
-    def _resolve(self, num_blocks):
+    def resolve(self, num_blocks):
         return _Plan(self.theta_bar, self.gamma, num_blocks)
 
     def get_config(self):

@@ -51,8 +51,8 @@ import numpy as np
 from keras import ops
 
 from keras_raptr import schedules
-from keras_raptr.callbacks._strategy import PathStrategy
-from keras_raptr.callbacks._strategy import StagedPlan
+from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.callbacks.path_strategy import StagedPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +239,7 @@ class StageSchedule(PathStrategy):
 
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's probability of being on the path at `step`."""
-        plan = self._resolve(num_blocks)
+        plan = self.resolve(num_blocks)
         keep = plan.tables()["keep"]
         return [float(k) for k in keep[min(self.stage_at(step), len(keep) - 1)]]
 
@@ -249,10 +249,10 @@ class StageSchedule(PathStrategy):
         Over the schedule's `total_steps`: 0.75 for `6-8-10-12` on 12 blocks.
         With `sampling="subset"`, path lengths count as `round(path_length)`.
         """
-        self._resolve(num_blocks)
+        self.resolve(num_blocks)
         return schedules.compute_fraction(self.stages, num_blocks, self.sampling)
 
-    def _resolve(self, num_blocks):
+    def resolve(self, num_blocks):
         """Checks the schedule against a model's block count."""
         fixed = schedules.normalize_fixed_blocks(self.fixed_blocks, num_blocks)
         schedules.check_stages(self.stages, num_blocks, len(fixed))

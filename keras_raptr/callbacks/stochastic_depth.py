@@ -26,8 +26,8 @@ import keras
 import numpy as np
 
 from keras_raptr import schedules
-from keras_raptr.callbacks._strategy import PathStrategy
-from keras_raptr.callbacks._strategy import Plan
+from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.callbacks.path_strategy import Plan
 from keras_raptr.callbacks.progressive_layer_drop import _check_fraction
 
 DISTRIBUTIONS = ("uniform", "linear")
@@ -118,7 +118,7 @@ class StochasticDepth(PathStrategy):
         """Expected block compute relative to training every block."""
         return self.path_length_at(0, num_blocks) / num_blocks
 
-    def _resolve(self, num_blocks):
+    def resolve(self, num_blocks):
         return _Plan(tuple(self.keep_probabilities_at(0, num_blocks)), num_blocks)
 
     def get_config(self):

@@ -14,6 +14,8 @@ Nothing is carried from step to step, so:
 
 import numpy as np
 
+from keras_raptr.engine.xp import NUMPY
+
 _C1 = 0x7FEB352D
 _C2 = 0x846CA68B - (1 << 32)  # as int32
 _GOLDEN = 0x9E3779B9 - (1 << 32)  # as int32
@@ -97,7 +99,5 @@ def scales(plan, tables, step, xp):
 
 def host_path(plan, tables, seed, step):
     """The path at `step` on the host: a tuple of Python bools."""
-    from keras_raptr.engine.xp import NUMPY
-
     with np.errstate(over="ignore"):
         return tuple(bool(on) for on in draw(plan, tables, seed, step, NUMPY))

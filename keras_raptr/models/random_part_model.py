@@ -2,11 +2,13 @@
 
 import inspect
 import random
+import time
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_raptr.callbacks.path_strategy import PathStrategy
 from keras_raptr.engine import gather
 from keras_raptr.engine import path
 from keras_raptr.engine.xp import KERAS
@@ -296,6 +298,23 @@ class RandomPartModel(keras.Model):
         return wrapped, blocks
 
     @property
+    def compiled_train_steps(self):
+        """The train steps compiled so far, and the seconds each took.
+
+        A dict from a variant's name to the wall-clock seconds of its first
+        call, which traces and compiles it (and runs its first steps):
+        `"full"` (every block), `"static <on-blocks>"` (a path that is the
+        same at every step: the fixed blocks, a stacking prefix), `"k=<k>"`
+        (the gathered step for drawn paths of `k` blocks) and
+        `"conditional"` (the fallback with one conditional per block). Empty
+        on PyTorch, which runs eagerly.
+        """
+        return {
+            _variant_name(key): seconds
+            for key, seconds in getattr(self, "_compiled", {}).items()
+        }
+
+    @property
     def schedule(self):
         """The strategy (`StageSchedule`, ...) of the last `fit`, or `None`."""
         return self._schedule
@@ -491,6 +510,8 @@ class RandomPartModel(keras.Model):
                     self.train_function = dispatcher
             return variants[key]
 
+        compiled = {}
+
         def train_function(*args, **kwargs):
             if self._plan is None:
                 key = ("static", (True,) * len(self.blocks))
@@ -499,8 +520,15 @@ class RandomPartModel(keras.Model):
             function = variant(key)
             # PyTorch looks `train_step` up at each call: tell it the variant.
             object.__setattr__(self, "_tracing_variant", key)
-            return function(*args, **kwargs)
+            if key in compiled or keras.backend.backend() == "torch":
+                return function(*args, **kwargs)
+            # The first call traces and compiles (and runs one execution).
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            compiled[key] = time.perf_counter() - start
+            return result
 
+        object.__setattr__(self, "_compiled", compiled)
         self.train_function = train_function
         self._train_function_key = key
         return train_function
@@ -539,7 +567,7 @@ class RandomPartModel(keras.Model):
                 "`torch.compile` would recompile the train step for each new "
                 "path. Compile the model with `jit_compile=False`."
             )
-        self._plan = schedule._resolve(len(self.blocks))
+        self._plan = schedule.resolve(len(self.blocks))
         # The plan's constant tables, for the host (numpy) and the compiled
         # step (tensors made once, outside any trace). Plain attributes: Keras
         # must not track these as the model's own.
@@ -590,9 +618,17 @@ class RandomPartModel(keras.Model):
         return cls(model, blocks=blocks, **config)
 
 
-def _find_schedule(callbacks):
-    from keras_raptr.callbacks._strategy import PathStrategy
+def _variant_name(key):
+    if key[0] == "static":
+        if all(key[1]):
+            return "full"
+        return "static " + ",".join(str(i) for i, on in enumerate(key[1]) if on)
+    if key[0] == "gather":
+        return f"k={key[1]}"
+    return "conditional"
 
+
+def _find_schedule(callbacks):
     if callbacks is None:
         return None
     if isinstance(callbacks, keras.callbacks.CallbackList):

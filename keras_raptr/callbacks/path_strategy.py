@@ -1,13 +1,15 @@
-"""What every path strategy shares: the plan the model reads, and the hooks.
+"""`PathStrategy` and `Plan`: what every strategy is, and how to write one.
 
 A strategy (`StageSchedule`, `ProgressiveLayerDrop`, `StochasticDepth`,
-`GradualStacking`) is a `keras.callbacks.Callback` that `RandomPartModel.fit`
-finds among its callbacks. At `fit` it resolves itself for the model's block
-count into a `Plan`: constant tables plus three functions of the optimizer
-step that the compiled train step calls (keep probabilities, the number of
-blocks for `subset` sampling, the logs). On the host, before each execution,
-it tells the model whether the coming steps all run the same path (a static
-path, compiled without conditionals) or draw one.
+`GradualStacking`, or your own) is a `keras.callbacks.Callback` that
+`RandomPartModel.fit` finds among its callbacks. At `fit` it resolves itself
+for the model's block count into a `Plan`: constant tables, and pure
+functions of the optimizer step (keep probabilities, the number of blocks for
+`subset` sampling, the logs), each written once against an `xp` namespace so
+that the host (numpy) and the compiled train step (`keras.ops`) compute the
+same values. Before each execution the strategy asks the model to pick the
+train function for the coming steps (`RandomPartModel` does the rest: the
+path of each step is a function of the model's seed and the step).
 """
 
 import keras
@@ -21,8 +23,12 @@ class Plan:
     """A strategy resolved for a model with `num_blocks` blocks.
 
     Subclasses set `num_blocks`, `fixed_blocks` (normalized, sorted indices),
-    `sampling` ("bernoulli" or "subset"), `scaling` ("none" or "inverse") and
-    `key` (hashable, equal for equal plans), and implement the methods below.
+    `sampling` (`"bernoulli"` or `"subset"`), `scaling` (`"none"` or
+    `"inverse"`) and `key` (hashable, equal for equal plans: a model reuses
+    its compiled train steps while the key stays the same), and implement
+    `keep` (and `count` for `subset` sampling). `keep` and `count` are pure
+    functions of the step, written against `xp` (see `PathStrategy` for an
+    example).
     """
 
     def tables(self):
@@ -85,27 +91,78 @@ class StagedPlan(Plan):
 
 
 class PathStrategy(keras.callbacks.Callback):
-    """Base of the strategies: finds the model's plan and the static paths."""
+    """The base of every path strategy: subclass it to write your own.
+
+    A strategy is a callback that `RandomPartModel.fit` finds among its
+    callbacks (one per `fit`). Implement `resolve(num_blocks)`, which checks
+    the strategy against the model's block count and returns a `Plan`; the
+    model draws each step's path from the plan's keep probabilities, with
+    the model's seed, so resume and every backend agree.
+
+    Example: every block on the path with probability one half.
+
+    ```python
+    import dataclasses
+
+    import keras
+    import numpy as np
+    import keras_raptr
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfPlan(keras_raptr.Plan):
+        num_blocks: int
+        fixed_blocks: tuple = ()
+        sampling: str = "bernoulli"
+        scaling: str = "none"
+
+        @property
+        def key(self):
+            return ("half", self.num_blocks)
+
+        def tables(self):
+            tables = super().tables()
+            tables["keep"] = np.full(self.num_blocks, 0.5, "float32")
+            return tables
+
+        def keep(self, step, tables, xp):
+            return tables["keep"]
+
+    class KeepHalf(keras_raptr.PathStrategy):
+        def resolve(self, num_blocks):
+            return HalfPlan(num_blocks)
+
+    inputs = keras.Input((8,))
+    blocks = [keras.layers.Dense(8) for _ in range(4)]  # shape-preserving
+    x = inputs
+    for block in blocks:
+        x = block(x)
+    model = keras_raptr.RandomPartModel(keras.Model(inputs, x), blocks=blocks, seed=0)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((8, 8)), np.ones((8, 8)), batch_size=4, callbacks=[KeepHalf()])
+    ```
+    """
 
     def __init__(self):
         super().__init__()
         self._epoch_start_step = 0
         self._plan = None
 
-    def _resolve(self, num_blocks):
-        """This strategy as a `Plan` for `num_blocks` blocks (checks them)."""
+    def resolve(self, num_blocks):
+        """This strategy as a `Plan` for `num_blocks` blocks.
+
+        Raises a `ValueError` if the strategy cannot train that many blocks.
+        """
         raise NotImplementedError
 
     def set_model(self, model):
-        from keras_raptr.models.random_part_model import RandomPartModel
-
-        if not isinstance(model, RandomPartModel):
+        # Any `RandomPartModel` (subclasses included) picks its train steps.
+        if not callable(getattr(model, "_prepare_steps", None)):
             raise ValueError(
                 f"`{type(self).__name__}` trains a `keras_raptr.RandomPartModel`, "
                 f"but `fit` was called on {type(model).__name__} '{model.name}'. "
                 "Wrap it first: `model = keras_raptr.RandomPartModel(model)`."
             )
-        self._plan = self._resolve(len(model.blocks))
+        self._plan = self.resolve(len(model.blocks))
         super().set_model(model)
 
     def on_epoch_begin(self, epoch, logs=None):
