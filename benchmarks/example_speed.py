@@ -16,11 +16,13 @@ speed-up next to the ideal one from the FLOPs accounting
   at least 0.9 of the ideal) is judged against it.
 
     python benchmarks/example_speed.py                       # all backends
-    python benchmarks/example_speed.py --backends jax --repeats 3
+    python benchmarks/example_speed.py --backends jax --repeats 1
 
-The baseline and RaPTr runs alternate, `--repeats` times per backend; the
-figures are medians. Writes `benchmarks/results/example_speed.json` and
-`example_speed.md`. Run it alone on the machine.
+The baseline and RaPTr runs alternate, `--repeats` times (3) per backend;
+the figures are medians. The table also gives the train steps RaPTr compiled
+and the seconds their first calls took. Writes
+`benchmarks/results/example_speed[_<tag>].json` and `.md`. Run it alone on
+the machine.
 """
 
 import argparse
@@ -94,6 +96,15 @@ def measure(backend, args):
         "ideal": estimate,
         "ideal_masked_head": masked,
         "realised_over_ideal": train_speedup / max(estimate, masked),
+        # Train steps compiled per run, and the seconds their first calls took.
+        "train_steps_compiled": {
+            m: int(np.median([len(s.get("compiled_train_steps", {})) for s in runs]))
+            for m, runs in times.items()
+        },
+        "compile_seconds": {
+            m: float(np.median([s.get("compile_seconds", 0.0) for s in runs]))
+            for m, runs in times.items()
+        },
         "final_eval_loss": {
             m: float(np.median([s["final_eval_loss"] for s in runs])) for m, runs in times.items()
         },
@@ -110,8 +121,8 @@ def markdown(rows, args):
         "",
         "| backend | baseline train s | RaPTr train s | train speed-up | baseline whole s | "
         "RaPTr whole s | whole speed-up | ideal (estimate / masked head) | "
-        "realised / ideal | target >= 0.9 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "realised / ideal | target >= 0.9 | train steps compiled (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["seconds"]
@@ -121,7 +132,8 @@ def markdown(rows, args):
             f"{r['train_speedup']:.3f} | {s['baseline']['whole']:.1f} | "
             f"{s['raptr']['whole']:.1f} | {r['whole_speedup']:.3f} | "
             f"{r['ideal']:.3f} / {r['ideal_masked_head']:.3f} | "
-            f"{r['realised_over_ideal']:.3f} | {ok} |"
+            f"{r['realised_over_ideal']:.3f} | {ok} | "
+            f"{r['train_steps_compiled']['raptr']} ({r['compile_seconds']['raptr']:.1f}) |"
         )
     return "\n".join(lines) + "\n"
 
@@ -133,7 +145,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=60)
     parser.add_argument("--example-args", default="",
                         help='more options for the example, e.g. "--num-layers 6"')
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tag", default="",
+                        help="appended to the result file names, e.g. the accelerator's name")
     parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--runs-dir", default=os.path.join("runs", "example_speed"))
     args = parser.parse_args(argv)
@@ -151,10 +165,11 @@ def main(argv=None):
     args = parse_args(argv)
     rows = [measure(backend, args) for backend in args.backends]
     os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "example_speed.json"), "w") as f:
+    suffix = f"_{args.tag}" if args.tag else ""
+    with open(os.path.join(args.results_dir, f"example_speed{suffix}.json"), "w") as f:
         json.dump({"options": vars(args), "backends": rows}, f, indent=1)
     text = markdown(rows, args)
-    with open(os.path.join(args.results_dir, "example_speed.md"), "w") as f:
+    with open(os.path.join(args.results_dir, f"example_speed{suffix}.md"), "w") as f:
         f.write(text)
     print(text)
     return 0

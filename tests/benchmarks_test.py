@@ -150,7 +150,7 @@ def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path):
     speed = load("example_speed")
     backend = keras.backend.backend()
     argv = [
-        "--backends", backend, "--steps", "8", "--eval-every", "4",
+        "--backends", backend, "--steps", "8", "--eval-every", "4", "--repeats", "1",
         "--example-args", TINY + " --dataset " + shlex.quote(_texts(tmp_path)),
         "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"),
     ]
@@ -167,6 +167,13 @@ def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path):
         speed.train_seconds(baseline) / speed.train_seconds(raptr)
     )
     assert f"| {backend} |" in (tmp_path / "results" / "example_speed.md").read_text()
+    # The train steps each method compiled: the baseline only the full one.
+    compiled = row["train_steps_compiled"]
+    if backend == "torch":
+        assert compiled == {"baseline": 0, "raptr": 0}
+    else:
+        assert compiled["baseline"] == 1 and compiled["raptr"] >= 2
+        assert list(baseline["compiled_train_steps"]) == ["full"]
 
 
 def test_ideal_speedup_with_the_head_at_masked_positions():

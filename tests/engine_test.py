@@ -125,7 +125,7 @@ def test_train_function_per_path_length():
     variants = []
     for _ in range(4):
         model.fit(x, y, batch_size=32, callbacks=[schedule], verbose=0)
-        variants.append(model._variant)
+        variants.append(model._steps.variant)
     if BACKEND == "torch":
         assert variants == [("host",)] * 4
     else:
@@ -150,7 +150,7 @@ def test_blocks_of_different_structures_fall_back_to_conditionals():
     model.fit(*regression_data(), batch_size=32, callbacks=[schedule], verbose=0)
     assert len(changed_blocks(before, block_weights(model))) == 3
     if BACKEND != "torch":
-        assert model._variant == ("drawn",)
+        assert model._steps.variant == ("drawn",)
         reason = gather.layout(model)[1]
         assert "block 2 ('b2') differs in structure from block 0" in reason
 
@@ -168,10 +168,10 @@ def test_gathered_step_equals_the_conditional_step(monkeypatch):
         return model
 
     gathered = run()
-    assert gathered._variant[0] == "gather"
+    assert gathered._steps.variant[0] == "gather"
     monkeypatch.setattr(gather, "unsupported_reason", lambda model: "forced")
     conditional = run()
-    assert conditional._variant == ("drawn",)
+    assert conditional._steps.variant == ("drawn",)
     for a, b in zip(gathered.get_weights(), conditional.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(gathered.optimizer.variables, conditional.optimizer.variables):
@@ -190,7 +190,7 @@ def _compiled_step(model, x, y, variant=None):
         base = model.train_step
 
         def step(*args):
-            object.__setattr__(model, "_tracing_variant", variant)
+            model._steps.tracing = variant
             return base(*args)
     else:
         step = model.train_step
@@ -229,7 +229,7 @@ def compiled_counts():
         # A drawn stage (not the static fixed-only path), traced for length k.
         schedule = keras_raptr.StageSchedule([keras_raptr.Stage(k + 0.5, 100)])
         model.fit(x, y, batch_size=256, callbacks=[schedule], verbose=0)
-        assert model._gather_layout() is not None
+        assert model._steps.layout() is not None
         counts[num_blocks, k, "gather"] = _compiled_step(model, x, y, ("gather", k))
         counts[num_blocks, k, "fallback"] = _compiled_step(model, x, y, ("drawn",))
         plain, _ = residual_mlp(k, width=64)

@@ -159,7 +159,7 @@ def test_trace_count_across_stages_and_fits():
 
     class Counting(keras_raptr.RandomPartModel):
         def train_step(self, *args, **kwargs):
-            traces.append(self._tracing_variant)
+            traces.append(self._steps.tracing)
             return super().train_step(*args, **kwargs)
 
     inner, blocks = residual_mlp(6)

@@ -25,7 +25,6 @@ import dataclasses
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy

@@ -48,7 +48,6 @@ import dataclasses
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy

@@ -30,7 +30,6 @@ be traced fall back to `optimizer_gate.py` (one conditional per block).
 import contextlib
 import warnings
 
-import keras
 from keras import ops
 
 
@@ -210,7 +209,7 @@ def jax_train_step(model, layout, k, on, scale, state, data, run_step):
         _replace(values, gather(values, table, idx, k)) if table[0] else list(values)
         for values, table in tables
     ]
-    with _gated(model, gates(k, len(model.blocks), idx, scale)):
+    with gated(model, gates(k, len(model.blocks), idx, scale)):
         logs, new_state = run_step((*compact, metrics_variables), data)
     new_trainable, new_non_trainable, new_optimizer, new_metrics = new_state
     result = [
@@ -237,7 +236,7 @@ def tf_train_step(model, layout, k, on, scale, data, run_step):
         if table[0]:
             for n, value in gather(values, table, idx, k).items():
                 variables[n].assign(value)
-    with _gated(model, gates(k, len(model.blocks), idx, scale)), warnings.catch_warnings():
+    with gated(model, gates(k, len(model.blocks), idx, scale)), warnings.catch_warnings():
         # Positions `>= k` have no gradient, by design.
         warnings.filterwarnings("ignore", message="Gradients do not exist")
         logs = run_step(data)
@@ -255,7 +254,8 @@ def tf_train_step(model, layout, k, on, scale, data, run_step):
 
 
 @contextlib.contextmanager
-def _gated(model, step_gates):
+def gated(model, step_gates):
+    """Within the context, the model's blocks obey `step_gates`."""
     object.__setattr__(model, "_gates", step_gates)
     try:
         yield

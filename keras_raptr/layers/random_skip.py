@@ -6,16 +6,21 @@ a block so that, inside a training step of a `keras_raptr.RandomPartModel`,
 the block runs only when it is on that step's random path. Everywhere else
 (evaluation, inference, a model without a schedule) it is the block itself.
 
-How the skip saves compute on each backend:
+How the skip saves compute:
 
-- JAX: `jax.lax.cond`, forward and backward, with a hand-written VJP: the
-  backward pass recomputes an on-path block from its inputs (which are its
-  only residuals) and skips an off-path one. Layers with random state
-  (dropout) run through their variables' values, and their new seed state
-  leaves the branch as an output.
-- TensorFlow: `tf.cond`, in `tf.function` with and without XLA.
-- PyTorch: a Python `if` on a path that was copied to the host once per step
-  (not once per block).
+- Most steps know each block's gate when they are traced (a Python bool): a
+  static path, the gathered step of `engine/gather.py` (positions past the
+  path's length are off), and every PyTorch step (its path is computed on
+  the host). An off block is then a plain `return x`: it is not in the
+  step at all.
+- The fallback (blocks of different structures, on JAX and TensorFlow) gates
+  each block with a tensor, inside the compiled step:
+  - JAX: `jax.lax.cond`, forward and backward, with a hand-written VJP: the
+    backward pass recomputes an on-path block from its inputs (which are its
+    only residuals) and skips an off-path one. Layers with random state
+    (dropout) run through their variables' values, and their new seed state
+    leaves the branch as an output.
+  - TensorFlow: `tf.cond`, in `tf.function` with and without XLA.
 """
 
 import functools
@@ -141,8 +146,8 @@ class RandomSkip(keras.layers.Layer):
             )
         on, scale = gate
         if isinstance(on, bool):
-            # Known on the host (PyTorch, or a path that is the same at every
-            # step): a plain `if`, no conditional in the step.
+            # Known when tracing (a static path, a gathered position, PyTorch):
+            # a plain `if`, no conditional in the step.
             if not on:
                 return args[0]
             return _residual(self, args[0], block_call(*args, **kwargs), scale)

@@ -2,22 +2,16 @@
 
 import inspect
 import random
-import time
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_raptr.callbacks.path_strategy import PathStrategy
-from keras_raptr.engine import gather
-from keras_raptr.engine import path
-from keras_raptr.engine.xp import KERAS
-from keras_raptr.engine.xp import NUMPY
+from keras_raptr.engine.steps import Steps
 from keras_raptr.layers.random_skip import RandomSkip
 from keras_raptr.layers.random_skip import check_functional_shapes
 from keras_raptr.layers.random_skip import wrapper_of
 from keras_raptr.models import _presets
-from keras_raptr.engine.optimizer_gate import skip_off_path_updates
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")
@@ -29,19 +23,22 @@ class RandomPartModel(keras.Model):
     wrapping it in a `keras_raptr.layers.RandomSkip`. The wrapped model and the
     `RandomPartModel` share every weight.
 
-    During `fit` with a `keras_raptr.StageSchedule` callback, each optimizer
-    step samples one random path (one per step, the same for the whole batch)
-    inside the compiled train step, from a `keras.random.SeedGenerator`;
-    blocks off the path cost no compute. The stage, and so the path length, is
-    a function of the optimizer's step count, so a resumed run continues in the
-    right stage. Without a schedule, and always in `evaluate`, `predict` and
-    `model(x)`, the full network runs: the output equals `model.inner(x)`.
+    During `fit` with a `keras_raptr.StageSchedule` callback (or another
+    `PathStrategy`), each optimizer step trains one random path (the same for
+    the whole batch); blocks off the path cost no compute. The path is a pure
+    function of `seed` and the optimizer step, so a resumed run trains the
+    same paths as an uninterrupted one, on every backend. Without a schedule,
+    and always in `evaluate`, `predict` and `model(x)`, the full network runs:
+    the output equals `model.inner(x)`.
 
-    The compiled train step is built on first use once for the steps that
-    sample a path, and once per static path (a path the strategy knows to be
-    the same at every step of a stage): every block on (the plain network,
-    without any conditional), only the fixed blocks, or a stacking prefix.
-    The other blocks are left out of a static path's step entirely.
+    Before each execution the host computes the coming steps' paths and picks
+    a train step, each compiled once on first use (see
+    `compiled_train_steps`): a path the strategy knows to be the same at every
+    step (every block, the fixed blocks, a stacking prefix) has its own; on
+    JAX and TensorFlow a drawn path of `k` blocks runs the gathered step for
+    `k` (`keras_raptr/engine/gather.py`: a plain `k`-block network, with no
+    conditional), or, for blocks of different structures, a step with one
+    conditional per block. PyTorch runs each step's path eagerly.
 
     Args:
         model: `keras.Model` or `keras.layers.Layer`. The model to wrap.
@@ -50,9 +47,12 @@ class RandomPartModel(keras.Model):
             transformer blocks (`model.transformer_layers`, or the task's
             `model.backbone.transformer_layers`) and `RandomSkip` layers the
             model already holds.
-        seed: optional int. Seeds the path sampler: with the same seed (and
-            the same data and initial weights), a run samples the same
-            sequence of paths.
+        seed: optional int. The path of every step is a function of this
+            seed and the step: with the same seed (and the same data and
+            initial weights) a run trains the same sequence of paths, on any
+            backend and across a save and load. `None` draws a seed here
+            (from Python's `random`, which `keras.utils.set_random_seed`
+            seeds); the config keeps it.
         **kwargs: base model keyword arguments, such as `name`.
 
     Attributes:
@@ -144,16 +144,11 @@ class RandomPartModel(keras.Model):
         # Names of the blocks as given (`None`: found by `find_blocks`), for
         # `get_config`.
         self._block_names = None if blocks is None else [b.name for b in given]
-        # The strategy (`StageSchedule`, ...) of the last `fit`, and it
-        # resolved for this model's blocks (`None`: train the full network).
+        # The strategy (`StageSchedule`, ...) of the last `fit` (`None`: train
+        # the full network), and the train-step variants (plain attributes,
+        # outside Keras and torch tracking).
         self._schedule = None
-        self._plan = None
-        # The train function variant of the coming steps, set by the strategy
-        # before each execution (see `_prepare_steps`), and the optimizer
-        # step of the next train step as the host counts it.
-        object.__setattr__(self, "_variant", None)
-        object.__setattr__(self, "_host_step", 0)
-        object.__setattr__(self, "_layout", False)
+        object.__setattr__(self, "_steps", Steps(self))
         # Set while a gated train step is traced (JAX, TensorFlow) or run
         # (PyTorch): the per-block `(on, scale)` gates of the step's path.
         object.__setattr__(self, "_gates", None)
@@ -309,10 +304,7 @@ class RandomPartModel(keras.Model):
         `"conditional"` (the fallback with one conditional per block). Empty
         on PyTorch, which runs eagerly.
         """
-        return {
-            _variant_name(key): seconds
-            for key, seconds in getattr(self, "_compiled", {}).items()
-        }
+        return self._steps.compiled_names()
 
     @property
     def schedule(self):
@@ -333,207 +325,43 @@ class RandomPartModel(keras.Model):
                 object.__setattr__(skip, "_gate", None)
 
     # ------------------------------------------------------------------
-    # Training: which train function runs the coming steps, and the step.
-
-    def _path_at(self, step, xp):
-        """The path at `step` and the per-block residual scales (or `None`)."""
-        tables = self._plan_tables if xp is NUMPY else self._plan_tensors
-        with np.errstate(over="ignore"):
-            on = path.draw(self._plan, tables, self.seed, step, xp)
-            scale = path.scales(self._plan, tables, step, xp)
-        return on, scale
+    # Training: the variants and the step itself live in `engine/steps.py`.
 
     def _prepare_steps(self, start, stop):
-        """Picks the train function for optimizer steps `[start, stop)`.
+        """Picks the train step for optimizer steps `[start, stop)`.
 
-        Called by the strategy before each execution. A path the plan knows
-        to be the same at every step (every block, the fixed blocks, a
-        stacking prefix) has its own step with no path at all. Otherwise, on
-        JAX and TensorFlow, a chunk of steps whose paths have the same length
-        `k` runs the gathered step for `k` (`engine/gather.py`); a chunk of
-        mixed lengths, or blocks that cannot be gathered, run the fallback
-        step with one conditional per block. PyTorch runs every step eagerly
-        with the path computed on the host.
+        Called by the strategy before each execution.
         """
-        object.__setattr__(self, "_host_step", start)
-        static = self._plan.static_path(start, stop)
-        if static is not None:
-            variant = ("static", static)
-        elif keras.backend.backend() == "torch":
-            variant = ("host",)
-        else:
-            lengths = {
-                int(np.sum(self._path_at(step, NUMPY)[0])) for step in range(start, stop)
-            }
-            variant = ("drawn",)
-            k_blocks = len(self.blocks)
-            if len(lengths) == 1 and self._gather_layout() is not None:
-                k = lengths.pop()
-                if k == len(self.blocks) and self._plan.scaling == "none":
-                    variant = ("static", self._plan.full_path())
-                elif k == 0:
-                    variant = ("static", (False,) * k_blocks)
-                else:
-                    variant = ("gather", k)
-        object.__setattr__(self, "_variant", variant)
-
-    def _gather_layout(self):
-        """The blocks' `gather.Layout` (cached per `fit`), or `None`."""
-        if self._layout is False:
-            if keras.backend.backend() == "jax":
-                # Variables hold stale (donated) buffers during a JAX `fit`.
-                self.jax_state_sync()
-            if self.optimizer is not None and not self.optimizer.built:
-                # As Keras would at the first step (TensorFlow builds late).
-                self.optimizer.build(self.trainable_variables)
-            found, reason = gather.layout(self)
-            object.__setattr__(self, "_layout", found)
-            object.__setattr__(self, "_gather_fallback_reason", reason)
-        return self._layout
-
-    def _free_block_variables(self):
-        """Per non-fixed block, its trainable variables (cached per schedule)."""
-        if self._free_variables is None:
-            variables = [
-                skip.block.trainable_variables
-                for i, skip in enumerate(self.blocks)
-                if i not in self._plan.fixed_blocks
-            ]
-            object.__setattr__(self, "_free_variables", variables)
-        return self._free_variables
-
-    def _optimizer_step(self, args):
-        iterations = self.optimizer.iterations
-        if keras.backend.backend() != "jax":
-            # A copy: the optimizer increments the variable in place later in
-            # the step.
-            return ops.copy(iterations.value)
-        # JAX: the live value is in the state passed to the step.
-        optimizer_variables = args[0][2]
-        for variable, value in zip(self.optimizer.variables, optimizer_variables):
-            if variable is iterations:
-                return value
-        raise RuntimeError(
-            "Could not find the optimizer's step counter in the JAX train state."
-        )
-
-    def _run_gated(self, gates, args, kwargs):
-        """Keras' own step, with per-block gates and the optimizer gated alike."""
-        free = [gate[0] for i, gate in enumerate(gates) if i not in self._plan.fixed_blocks]
-        gates = [None if i in self._plan.fixed_blocks else g for i, g in enumerate(gates)]
-        object.__setattr__(self, "_gates", gates)
-        try:
-            with skip_off_path_updates(self.optimizer, self._free_block_variables(), free):
-                return super().train_step(*args, **kwargs)
-        finally:
-            object.__setattr__(self, "_gates", None)
+        self._steps.prepare(start, stop)
 
     def train_step(self, *args, **kwargs):
-        if self._plan is None:
+        if self._steps.plan is None:
             return super().train_step(*args, **kwargs)
-        backend = keras.backend.backend()
-        step = self._optimizer_step(args)
-        kind = self._tracing_variant[0]
-        num_blocks = len(self.blocks)
-        if kind == "static":
-            path_ = self._tracing_variant[1]
-            if all(path_):
-                result = super().train_step(*args, **kwargs)
-            else:
-                # The blocks off a static path are left out of the step.
-                result = self._run_gated([(bool(on), None) for on in path_], args, kwargs)
-        elif kind == "host":
-            # PyTorch, eager: the path of this step, computed on the host.
-            on, scale = self._path_at(self._host_step, NUMPY)
-            gates = [
-                (bool(on[i]), None if scale is None else float(scale[i]))
-                for i in range(num_blocks)
-            ]
-            result = self._run_gated(gates, args, kwargs)
-        else:
-            on, scale = self._path_at(step, KERAS)
-            if kind == "gather":
-                k = self._tracing_variant[1]
-                base = super().train_step
-                if backend == "jax":
-                    result = gather.jax_train_step(
-                        self, self._layout, k, on, scale, args[0], args[1], base
-                    )
-                else:
-                    result = gather.tf_train_step(
-                        self, self._layout, k, on, scale, args[0], base
-                    )
-            else:
-                # The fallback: one conditional per block.
-                gates = [
-                    (on[i], None if scale is None else scale[i])
-                    for i in range(num_blocks)
-                ]
-                result = self._run_gated(gates, args, kwargs)
-        if backend == "torch":
-            object.__setattr__(self, "_host_step", self._host_step + 1)
-        logs = self._plan.logs(step, self._plan_tensors)
-        if backend == "jax":
-            result_logs, state = result
-            return {**result_logs, **logs}, state
-        return {**result, **logs}
+        return self._steps.train_step(super().train_step, args, kwargs)
 
     def make_train_function(self, force=False):
-        key = None if self._plan is None else self._plan.key
+        key = self._steps.key
         if (
             self.train_function is not None
             and not force
             and key == self._train_function_key
         ):
             return self.train_function
-        # One train function per variant: a static path (every block for the
-        # plain network, the fixed blocks, a prefix), a path length `k` for
-        # the gathered step, the fallback step, or PyTorch's host path; made
-        # and compiled on first use, reused by every stage and `fit`.
-        variants = {}
 
-        def variant(key):
-            if key not in variants:
-                # A distinct step function per variant: JAX caches traces by
-                # function, and a bound `self.train_step` would be shared.
-                def step(*args, **kwargs):
-                    object.__setattr__(self, "_tracing_variant", key)
-                    return type(self).train_step(self, *args, **kwargs)
+        def make_base(step):
+            # Keras' own train function around `step` for one variant.
+            dispatcher = self.train_function
+            object.__setattr__(self, "train_step", step)
+            try:
+                super(RandomPartModel, self).make_train_function(force=True)
+                return self.train_function
+            finally:
+                object.__delattr__(self, "train_step")
+                self.train_function = dispatcher
 
-                dispatcher = self.train_function
-                object.__setattr__(self, "train_step", step)
-                try:
-                    super(RandomPartModel, self).make_train_function(force=True)
-                    variants[key] = self.train_function
-                finally:
-                    object.__delattr__(self, "train_step")
-                    self.train_function = dispatcher
-            return variants[key]
-
-        compiled = {}
-
-        def train_function(*args, **kwargs):
-            if self._plan is None:
-                key = ("static", (True,) * len(self.blocks))
-            else:
-                key = self._variant
-            function = variant(key)
-            # PyTorch looks `train_step` up at each call: tell it the variant.
-            object.__setattr__(self, "_tracing_variant", key)
-            if key in compiled or keras.backend.backend() == "torch":
-                return function(*args, **kwargs)
-            # The first call traces and compiles (and runs one execution).
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
-            compiled[key] = time.perf_counter() - start
-            return result
-
-        object.__setattr__(self, "_compiled", compiled)
-        self.train_function = train_function
+        self.train_function = self._steps.train_function(make_base)
         self._train_function_key = key
-        return train_function
-
-    _tracing_variant = None
+        return self.train_function
 
     def fit(self, *args, **kwargs):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
@@ -545,8 +373,7 @@ class RandomPartModel(keras.Model):
         """Attaches a strategy (or `None`: train the full network)."""
         if schedule is None:
             self._schedule = None
-            self._plan = None
-            object.__setattr__(self, "_variant", None)
+            self._steps.attach(None)
             return
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and getattr(
@@ -567,22 +394,8 @@ class RandomPartModel(keras.Model):
                 "`torch.compile` would recompile the train step for each new "
                 "path. Compile the model with `jit_compile=False`."
             )
-        self._plan = schedule.resolve(len(self.blocks))
-        # The plan's constant tables, for the host (numpy) and the compiled
-        # step (tensors made once, outside any trace). Plain attributes: Keras
-        # must not track these as the model's own.
-        tables = self._plan.tables()
-        object.__setattr__(self, "_plan_tables", tables)
-        object.__setattr__(
-            self,
-            "_plan_tensors",
-            {name: ops.convert_to_tensor(table) for name, table in tables.items()},
-        )
-        object.__setattr__(self, "_free_variables", None)
-        # The gather layout depends on the optimizer: found again per `fit`.
-        object.__setattr__(self, "_layout", False)
+        self._steps.attach(schedule.resolve(len(self.blocks)))
         self._schedule = schedule
-        object.__setattr__(self, "_variant", None)
 
     # ------------------------------------------------------------------
     # Serialization.
@@ -616,16 +429,6 @@ class RandomPartModel(keras.Model):
                 )
             blocks = [by_name[name] for name in names]
         return cls(model, blocks=blocks, **config)
-
-
-def _variant_name(key):
-    if key[0] == "static":
-        if all(key[1]):
-            return "full"
-        return "static " + ",".join(str(i) for i, on in enumerate(key[1]) if on)
-    if key[0] == "gather":
-        return f"k={key[1]}"
-    return "conditional"
 
 
 def _find_schedule(callbacks):

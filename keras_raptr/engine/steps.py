@@ -1,0 +1,254 @@
+"""Which train step runs the coming steps of a `RandomPartModel`, and how.
+
+The model holds one `Steps` per instance. At `fit` the strategy's plan is
+attached; before each execution the strategy calls `prepare(start, stop)`
+with the optimizer steps to come, and the host picks the variant:
+
+- `("static", path)`: a path the plan knows to be the same at every step
+  (every block: the plain network; the fixed blocks; a stacking prefix). Its
+  off blocks are not in the step.
+- `("gather", k)`: JAX and TensorFlow, blocks of one structure, every step
+  of the execution with a path of `k` blocks (`gather.py`).
+- `("drawn",)`: the fallback, one conditional per block (`optimizer_gate.py`
+  and `layers/random_skip.py`): blocks of different structures, or an
+  execution whose steps have paths of different lengths.
+- `("host",)`: PyTorch, eager: the step's path comes from the host.
+
+Each variant is compiled once, on its first call, and reused by every stage
+and every `fit` while the plan stays the same.
+"""
+
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_raptr.engine import gather
+from keras_raptr.engine import path
+from keras_raptr.engine.optimizer_gate import skip_off_path_updates
+from keras_raptr.engine.xp import KERAS
+from keras_raptr.engine.xp import NUMPY
+
+
+class Steps:
+    """The train-step variants of one model, and the one for the coming steps."""
+
+    def __init__(self, model):
+        self.model = model
+        self.plan = None
+        self.variant = None
+        # The optimizer step of the next train step as the host counts it
+        # (PyTorch reads it in the step).
+        self.host_step = 0
+        # Set while a variant is traced (JAX, TensorFlow) or run (PyTorch).
+        self.tracing = None
+        self.compiled = {}
+        self._layout = False
+        self.fallback_reason = None
+        self._free_variables = None
+
+    def attach(self, plan):
+        """A strategy's plan for the next `fit` (`None`: the full network)."""
+        self.plan = plan
+        self.variant = None
+        self._free_variables = None
+        # The gather layout depends on the optimizer: found again per `fit`.
+        self._layout = False
+        if plan is None:
+            return
+        # The plan's constant tables for the host (numpy) and the compiled
+        # step (tensors made once, outside any trace).
+        self.tables = plan.tables()
+        self.tensors = {name: ops.convert_to_tensor(t) for name, t in self.tables.items()}
+
+    @property
+    def key(self):
+        """Equal for plans that can share compiled train steps."""
+        return None if self.plan is None else self.plan.key
+
+    def path_at(self, step, xp):
+        """The path at `step` and the per-block residual scales (or `None`)."""
+        tables = self.tables if xp is NUMPY else self.tensors
+        seed = self.model.seed
+        with np.errstate(over="ignore"):
+            on = path.draw(self.plan, tables, seed, step, xp)
+            scale = path.scales(self.plan, tables, step, xp)
+        return on, scale
+
+    def prepare(self, start, stop):
+        """Picks the variant for optimizer steps `[start, stop)`."""
+        self.host_step = start
+        num_blocks = len(self.model.blocks)
+        static = self.plan.static_path(start, stop)
+        if static is not None:
+            variant = ("static", static)
+        elif keras.backend.backend() == "torch":
+            variant = ("host",)
+        else:
+            lengths = {
+                int(np.sum(self.path_at(step, NUMPY)[0])) for step in range(start, stop)
+            }
+            variant = ("drawn",)
+            if len(lengths) == 1 and self.layout() is not None:
+                k = lengths.pop()
+                if k == num_blocks and self.plan.scaling == "none":
+                    variant = ("static", self.plan.full_path())
+                elif k == 0:
+                    variant = ("static", (False,) * num_blocks)
+                else:
+                    variant = ("gather", k)
+        self.variant = variant
+
+    def layout(self):
+        """The blocks' `gather.Layout` (found once per `fit`), or `None`."""
+        if self._layout is False:
+            model = self.model
+            if keras.backend.backend() == "jax":
+                # Variables hold stale (donated) buffers during a JAX `fit`.
+                model.jax_state_sync()
+            if model.optimizer is not None and not model.optimizer.built:
+                # As Keras would at the first step (TensorFlow builds late).
+                model.optimizer.build(model.trainable_variables)
+            self._layout, self.fallback_reason = gather.layout(model)
+        return self._layout
+
+    # ------------------------------------------------------------------
+    # Inside the step.
+
+    def train_step(self, base_step, args, kwargs):
+        """One train step of the traced variant; `base_step` is Keras' own."""
+        model = self.model
+        backend = keras.backend.backend()
+        step = self._optimizer_step(args)
+        kind = self.tracing[0]
+        if kind == "static":
+            static = self.tracing[1]
+            if all(static):
+                result = base_step(*args, **kwargs)
+            else:
+                gates = [(bool(on), None) for on in static]
+                result = self._run_gated(base_step, gates, args, kwargs)
+        elif kind == "host":
+            on, scale = self.path_at(self.host_step, NUMPY)
+            gates = [
+                (bool(on[i]), None if scale is None else float(scale[i]))
+                for i in range(len(on))
+            ]
+            result = self._run_gated(base_step, gates, args, kwargs)
+        else:
+            on, scale = self.path_at(step, KERAS)
+            if kind == "gather":
+                k = self.tracing[1]
+                if backend == "jax":
+                    result = gather.jax_train_step(
+                        model, self._layout, k, on, scale, args[0], args[1], base_step
+                    )
+                else:
+                    result = gather.tf_train_step(
+                        model, self._layout, k, on, scale, args[0], base_step
+                    )
+            else:
+                gates = [
+                    (on[i], None if scale is None else scale[i])
+                    for i in range(len(model.blocks))
+                ]
+                result = self._run_gated(base_step, gates, args, kwargs)
+        if backend == "torch":
+            self.host_step += 1
+        logs = self.plan.logs(step, self.tensors)
+        if backend == "jax":
+            result_logs, state = result
+            return {**result_logs, **logs}, state
+        return {**result, **logs}
+
+    def _optimizer_step(self, args):
+        optimizer = self.model.optimizer
+        iterations = optimizer.iterations
+        if keras.backend.backend() != "jax":
+            # A copy: the optimizer increments the variable in place later in
+            # the step.
+            return ops.copy(iterations.value)
+        # JAX: the live value is in the state passed to the step.
+        for variable, value in zip(optimizer.variables, args[0][2]):
+            if variable is iterations:
+                return value
+        raise RuntimeError(
+            "Could not find the optimizer's step counter in the JAX train state."
+        )
+
+    def _run_gated(self, base_step, gates, args, kwargs):
+        """Keras' own step, with per-block gates and the optimizer gated alike."""
+        model = self.model
+        fixed = self.plan.fixed_blocks
+        gates = [None if i in fixed else gate for i, gate in enumerate(gates)]
+        free = [gate[0] for gate in gates if gate is not None]
+        with gather.gated(model, gates):
+            with skip_off_path_updates(model.optimizer, self._free_block_variables(), free):
+                return base_step(*args, **kwargs)
+
+    def _free_block_variables(self):
+        """Per non-fixed block, its trainable variables (cached per plan)."""
+        if self._free_variables is None:
+            self._free_variables = [
+                skip.block.trainable_variables
+                for i, skip in enumerate(self.model.blocks)
+                if i not in self.plan.fixed_blocks
+            ]
+        return self._free_variables
+
+    # ------------------------------------------------------------------
+    # The train function.
+
+    def train_function(self, make_base):
+        """A dispatcher to one compiled train function per variant.
+
+        `make_base(step)` makes Keras' train function around `step`: a
+        distinct step function per variant, since JAX caches traces by
+        function.
+        """
+        variants = {}
+        compiled = {}
+        self.compiled = compiled
+
+        def variant(key):
+            if key not in variants:
+
+                def step(*args, **kwargs):
+                    self.tracing = key
+                    return type(self.model).train_step(self.model, *args, **kwargs)
+
+                variants[key] = make_base(step)
+            return variants[key]
+
+        def train_function(*args, **kwargs):
+            if self.plan is None:
+                key = ("static", (True,) * len(self.model.blocks))
+            else:
+                key = self.variant
+            function = variant(key)
+            # PyTorch looks `train_step` up at each call: tell it the variant.
+            self.tracing = key
+            if key in compiled or keras.backend.backend() == "torch":
+                return function(*args, **kwargs)
+            # The first call traces and compiles (and runs one execution).
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            compiled[key] = time.perf_counter() - start
+            return result
+
+        return train_function
+
+    def compiled_names(self):
+        return {variant_name(key): seconds for key, seconds in self.compiled.items()}
+
+
+def variant_name(key):
+    """`"full"`, `"static 0,11"`, `"k=7"`, `"conditional"` or `"host"`."""
+    if key[0] == "static":
+        if all(key[1]):
+            return "full"
+        return "static " + ",".join(str(i) for i, on in enumerate(key[1]) if on)
+    if key[0] == "gather":
+        return f"k={key[1]}"
+    return "conditional" if key[0] == "drawn" else key[0]
