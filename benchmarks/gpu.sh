@@ -3,23 +3,27 @@
 # PyTorch (drawn paths first), then the whole example's speed-up. Results
 # land in benchmarks/results/ with the tag (default: gpu) in their names.
 #
-#   bash benchmarks/gpu.sh [TAG]        # about 10 minutes on one H100
+#   bash benchmarks/gpu.sh [TAG]   # not yet timed on a GPU; REPEATS=1 shortens it
 #
-# Run it first on the CPU with QUICK=1 (a smoke run of every step).
+# Run it first on the CPU with QUICK=1 (a smoke run of every step), e.g.
+#   QUICK=1 PY=.venv/bin/python RESULTS=/tmp/gpu_smoke bash benchmarks/gpu.sh cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-gpu}
 PY=${PY:-python}
+RESULTS=${RESULTS:-benchmarks/results}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 BACKENDS=${BACKENDS:-jax,torch}
 if [ -n "${QUICK:-}" ]; then
-  "$PY" benchmarks/step_time.py --backends "$BACKENDS" --tag "$TAG" --quick
+  "$PY" benchmarks/step_time.py --backends "$BACKENDS" --tag "$TAG" --quick \
+    --output-dir "$RESULTS"
   "$PY" benchmarks/example_speed.py --backends "${BACKENDS%%,*}" --tag "$TAG" \
-    --steps 8 --eval-every 4 --repeats 1 --runs-dir "runs/example_speed_$TAG"
+    --steps 8 --eval-every 4 --repeats 1 --runs-dir "runs/example_speed_$TAG" \
+    --results-dir "$RESULTS"
   exit 0
 fi
-"$PY" benchmarks/step_time.py --backends "$BACKENDS" --tag "$TAG" \
+"$PY" benchmarks/step_time.py --backends "$BACKENDS" --tag "$TAG" --output-dir "$RESULTS" \
   --hidden-dim 512 --intermediate-dim 2048 --num-heads 8 \
   --batch-size 32 --seq-len 256 --rounds 5
-"$PY" benchmarks/example_speed.py --backends "$BACKENDS" --tag "$TAG" \
-  --repeats 3 --runs-dir "runs/example_speed_$TAG"
+"$PY" benchmarks/example_speed.py --backends "$BACKENDS" --tag "$TAG" --results-dir "$RESULTS" \
+  --repeats "${REPEATS:-3}" --runs-dir "runs/example_speed_$TAG"
