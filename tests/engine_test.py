@@ -1,6 +1,7 @@
 """The train-step engine: the path as a function of (seed, step), resume, and
 the gathered step's compiled structure (no conditional per block)."""
 
+import importlib.util
 import os
 
 import keras
@@ -185,36 +186,17 @@ def test_gathered_step_equals_the_conditional_step(monkeypatch):
 
 
 def _compiled_step(model, x, y, variant=None):
-    """The optimized HLO text and FLOPs (JAX) of one train step of `model`."""
-    if variant is not None:
-        base = model.train_step
+    """The optimized HLO text and XLA cost of one train step of `model`."""
+    text, cost = _benchmark("compiled_step").compiled(model, x, y, variant)
+    return text, cost.get("flops")
 
-        def step(*args):
-            model._steps.tracing = variant
-            return base(*args)
-    else:
-        step = model.train_step
-    if BACKEND == "jax":
-        import jax
 
-        state = tuple(
-            [v.value for v in variables]
-            for variables in (
-                model.trainable_variables,
-                model.non_trainable_variables,
-                model.optimizer.variables,
-                model.metrics_variables,
-            )
-        )
-        compiled = jax.jit(step).lower(state, (x, y)).compile()
-        return compiled.as_text(), compiled.cost_analysis()["flops"]
-    import tensorflow as tf
-
-    function = tf.function(lambda data: step(data), jit_compile=True)
-    text = function.experimental_get_compiler_ir((tf.constant(x), tf.constant(y)))(
-        stage="optimized_hlo"
-    )
-    return text, None
+def _benchmark(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
