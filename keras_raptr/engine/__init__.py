@@ -8,6 +8,8 @@ Read in this order:
 - `path.py`: the path of an optimizer step, a pure function of
   `(seed, step)`, identical on the host and inside the step, on every
   backend.
+- `steps.py`: which train step runs the coming steps (picked on the host),
+  the step of each kind, and the dispatcher that compiles each once.
 - `gather.py`: the drawn-path step on JAX and TensorFlow without a
   conditional per block: the on-path blocks' weights and optimizer slots are
   gathered into the first `k` block positions, a plain `k`-block network
