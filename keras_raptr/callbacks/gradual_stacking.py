@@ -40,6 +40,7 @@ from keras import ops
 from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy
 from keras_raptr.callbacks.path_strategy import StagedPlan
+from keras_raptr.engine.gather import optimizer_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,16 +195,17 @@ class GradualStacking(PathStrategy):
         sources = [
             depth - count + i if count <= depth else i % depth for i in range(count)
         ]
-        slots = _optimizer_slots(model.optimizer)
+        optimizer_variables = model.optimizer.variables
         for i, source in enumerate(sources):
             target = model.blocks[depth + i].block
             origin = model.blocks[source].block
             _copy_weights(origin, target)
+            # Each weight's optimizer state, in the order its update writes it.
             for src, dst in zip(origin.trainable_weights, target.trainable_weights):
-                for suffix, slot in slots.get(_slot_key(src), {}).items():
-                    other = slots.get(_slot_key(dst), {}).get(suffix)
-                    if other is not None:
-                        other.assign(ops.copy(slot.value))
+                from_slots = optimizer_slots(model.optimizer, [src]) or []
+                to_slots = optimizer_slots(model.optimizer, [dst]) or []
+                for a, b in zip(from_slots, to_slots):
+                    optimizer_variables[b].assign(ops.copy(optimizer_variables[a].value))
 
     def get_config(self):
         return {"stages": [stage.get_config() for stage in self.stages]}
@@ -229,25 +231,3 @@ def _copy_weights(origin, target):
     for src, dst in zip(origin.weights, target.weights):
         # A copy: on JAX two variables must not hold the same buffer.
         dst.assign(ops.copy(src.value))
-
-
-def _slot_key(variable):
-    return variable.path.replace("/", "_")
-
-
-def _optimizer_slots(optimizer):
-    """The optimizer's per-weight variables, by weight (`path` with `_`)."""
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    keys = [_slot_key(v) for v in getattr(optimizer, "_trainable_variables", [])]
-    slots = {}
-    prefix = optimizer.name + "/"
-    for variable in optimizer.variables:
-        path = variable.path
-        if not path.startswith(prefix):
-            continue
-        name = path[len(prefix):]
-        for key in sorted(keys, key=len, reverse=True):
-            if name.startswith(key + "_"):
-                slots.setdefault(key, {})[name[len(key) + 1:]] = variable
-                break
-    return slots

@@ -87,7 +87,8 @@ class Steps:
             variant = ("host",)
         else:
             lengths = {
-                int(np.sum(self.path_at(step, NUMPY)[0])) for step in range(start, stop)
+                sum(path.host_path(self.plan, self.tables, self.model.seed, step))
+                for step in range(start, stop)
             }
             variant = ("drawn",)
             if len(lengths) == 1 and self.layout() is not None:
