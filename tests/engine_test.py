@@ -179,6 +179,38 @@ def test_gathered_step_equals_the_conditional_step(monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
 
 
+def test_reading_the_model_mid_epoch_changes_nothing():
+    # On JAX a `fit` threads the blocks' state stacked between gathered steps
+    # and puts it back in Keras' form when a callback reads the model. Read
+    # at every step, across gathered stages and the full stage that follows
+    # (each with its own form): the same losses and weights as no reading.
+    x, y = regression_data(n=48)
+
+    class Read(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            self.model.get_weights()
+
+    def run(*callbacks):
+        model = make_model(4, optimizer=keras.optimizers.Adam(0.01))
+        logs = BatchLogs()
+        schedule = keras_raptr.StageSchedule.from_spec(
+            "1-2-4", total_steps=4, fixed_blocks=(), sampling="subset"
+        )
+        model.fit(
+            x, y, batch_size=8, shuffle=False, verbose=0,
+            callbacks=[schedule, logs, *callbacks],
+        )
+        return model, [b["loss"] for b in logs.batches]
+
+    quiet, quiet_losses = run()
+    read, read_losses = run(Read())
+    assert read_losses == pytest.approx(quiet_losses, rel=1e-6)
+    for a, b in zip(quiet.get_weights(), read.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    if BACKEND == "jax":
+        assert set(read.compiled_train_steps) == {"k=1", "k=2", "full"}
+
+
 # ----------------------------------------------------------------------
 # The compiled step: conditionals, dot products and XLA's FLOPs against a
 # plain model of the path's length. Any machine can run these; a wall-clock
@@ -189,6 +221,10 @@ def _compiled_step(model, x, y, variant=None):
     """The optimized HLO text and XLA cost of one train step of `model`."""
     text, cost = _benchmark("compiled_step").compiled(model, x, y, variant)
     return text, cost.get("flops")
+
+
+def _arguments(text):
+    return _benchmark("compiled_step").arguments(text)
 
 
 def _benchmark(name):
@@ -232,6 +268,12 @@ def test_drawn_path_compiles_like_a_plain_model_of_its_length(compiled_counts, n
     assert text.count(" dot(") == plain_text.count(" dot(")
     if flops is not None:
         assert flops <= 1.05 * plain_flops, (flops, plain_flops)
+    if BACKEND == "jax":
+        # The blocks' state goes in stacked, one array per variable role:
+        # no more arrays than the plain k-block model takes, whatever the
+        # number of blocks off the path (one array per variable per block
+        # would make 4 or 8 blocks' worth).
+        assert _arguments(text) <= _arguments(plain_text)
 
 
 def test_the_fallback_has_conditionals_that_grow_with_the_blocks(compiled_counts):

@@ -18,7 +18,11 @@ path of `k` blocks is trained as a plain `k`-block network:
    block off the path keeps its old weights, state and slots exactly.
 
 The step's cost is that of `k` blocks plus the gather and scatter copies
-(memory traffic proportional to the blocks' weights and slots, no FLOPs).
+(memory traffic, no FLOPs). On JAX, `fit` keeps the blocks' state stacked
+between these steps (`stacked.py`), so the copies touch the path's `k`
+blocks' rows only; on Keras' own state lists (TensorFlow, and JAX under a
+distribution or without `jit_compile`) the scatter writes every block's
+weights and slots.
 One train function is compiled per path length `k` and reused by every stage
 and every strategy.
 

@@ -8,7 +8,8 @@ with the optimizer steps to come, and the host picks the variant:
   (every block: the plain network; the fixed blocks; a stacking prefix). Its
   off blocks are not in the step.
 - `("gather", k)`: JAX and TensorFlow, blocks of one structure, every step
-  of the execution with a path of `k` blocks (`gather.py`).
+  of the execution with a path of `k` blocks (`gather.py`); on JAX, on the
+  blocks' state stacked (`stacked.py`).
 - `("drawn",)`: the fallback, one conditional per block (`optimizer_gate.py`
   and `layers/random_skip.py`): blocks of different structures, or an
   execution whose steps have paths of different lengths.
@@ -26,6 +27,7 @@ from keras import ops
 
 from keras_raptr.engine import gather
 from keras_raptr.engine import path
+from keras_raptr.engine import stacked
 from keras_raptr.engine.optimizer_gate import skip_off_path_updates
 from keras_raptr.engine.xp import KERAS
 from keras_raptr.engine.xp import NUMPY
@@ -47,6 +49,13 @@ class Steps:
         self._layout = False
         self.fallback_reason = None
         self._free_variables = None
+        # JAX: the packing of the blocks' state for this `fit` (or `None`),
+        # and the packings made so far, by layout (their conversions are
+        # compiled once).
+        self.packing = None
+        self._packings = {}
+        # JAX, while a packed gathered step traces: its path's `(idx, scale)`.
+        self._gathered = None
 
     def attach(self, plan):
         """A strategy's plan for the next `fit` (`None`: the full network)."""
@@ -55,6 +64,7 @@ class Steps:
         self._free_variables = None
         # The gather layout depends on the optimizer: found again per `fit`.
         self._layout = False
+        self.packing = None
         if plan is None:
             return
         # The plan's constant tables for the host (numpy) and the compiled
@@ -80,6 +90,9 @@ class Steps:
         """Picks the variant for optimizer steps `[start, stop)`."""
         self.host_step = start
         num_blocks = len(self.model.blocks)
+        if keras.backend.backend() == "jax" and self._layout is False:
+            # Before the first step takes the variables' values.
+            self.layout()
         static = self.plan.static_path(start, stop)
         if static is not None:
             variant = ("static", static)
@@ -112,7 +125,51 @@ class Steps:
                 # As Keras would at the first step (TensorFlow builds late).
                 model.optimizer.build(model.trainable_variables)
             self._layout, self.fallback_reason = gather.layout(model)
+            self.packing = self._make_packing()
         return self._layout
+
+    def _make_packing(self):
+        """The `stacked.Packing` of this `fit` (JAX, compiled, >= 2 blocks)."""
+        model = self.model
+        if (
+            self._layout is None
+            or keras.backend.backend() != "jax"
+            or len(model.blocks) < 2
+            or model.run_eagerly
+            or not model.jit_compile
+            or keras.distribution.distribution() is not None
+        ):
+            return None
+        sizes = (
+            len(model.trainable_variables),
+            len(model.non_trainable_variables),
+            len(model.optimizer.variables),
+        )
+        layout = self._layout
+        signature = (
+            sizes,
+            repr((layout.trainable, layout.non_trainable, layout.slots)),
+        )
+        if signature not in self._packings:
+            self._packings[signature] = stacked.Packing(layout, sizes)
+        return self._packings[signature]
+
+    def unpack_jax_state(self):
+        """Puts a packed `fit` state back in Keras' form, before a sync."""
+        model = self.model
+        state = getattr(model, "_jax_state", None)
+        if not state or getattr(model, "_jax_state_synced", True) or self.packing is None:
+            return
+        names = (
+            "trainable_variables",
+            "non_trainable_variables",
+            "optimizer_variables",
+            "metrics_variables",
+        )
+        lists = tuple(state.get(name) for name in names)
+        if any(values is None for values in lists) or not self.packing.is_packed(lists):
+            return
+        state.update(dict(zip(names, self.packing.unpack(lists))))
 
     # ------------------------------------------------------------------
     # Inside the step.
@@ -137,24 +194,31 @@ class Steps:
                 for i in range(len(on))
             ]
             result = self._run_gated(base_step, gates, args, kwargs)
+        elif kind == "gather" and self._gathered is not None:
+            # JAX, packed: `packed_step` read the path's blocks into the
+            # first `k` positions; the rest are the identity.
+            idx, scale = self._gathered
+            step_gates = gather.gates(self.tracing[1], len(model.blocks), idx, scale)
+            with gather.gated(model, step_gates):
+                result = base_step(*args, **kwargs)
+        elif kind == "gather":
+            k = self.tracing[1]
+            on, scale = self.path_at(step, KERAS)
+            if backend == "jax":
+                result = gather.jax_train_step(
+                    model, self._layout, k, on, scale, args[0], args[1], base_step
+                )
+            else:
+                result = gather.tf_train_step(
+                    model, self._layout, k, on, scale, args[0], base_step
+                )
         else:
             on, scale = self.path_at(step, KERAS)
-            if kind == "gather":
-                k = self.tracing[1]
-                if backend == "jax":
-                    result = gather.jax_train_step(
-                        model, self._layout, k, on, scale, args[0], args[1], base_step
-                    )
-                else:
-                    result = gather.tf_train_step(
-                        model, self._layout, k, on, scale, args[0], base_step
-                    )
-            else:
-                gates = [
-                    (on[i], None if scale is None else scale[i])
-                    for i in range(len(model.blocks))
-                ]
-                result = self._run_gated(base_step, gates, args, kwargs)
+            gates = [
+                (on[i], None if scale is None else scale[i])
+                for i in range(len(model.blocks))
+            ]
+            result = self._run_gated(base_step, gates, args, kwargs)
         if backend == "torch":
             self.host_step += 1
         logs = self.plan.logs(step, self.tensors)
@@ -165,18 +229,12 @@ class Steps:
 
     def _optimizer_step(self, args):
         optimizer = self.model.optimizer
-        iterations = optimizer.iterations
         if keras.backend.backend() != "jax":
             # A copy: the optimizer increments the variable in place later in
             # the step.
-            return ops.copy(iterations.value)
+            return ops.copy(optimizer.iterations.value)
         # JAX: the live value is in the state passed to the step.
-        for variable, value in zip(optimizer.variables, args[0][2]):
-            if variable is iterations:
-                return value
-        raise RuntimeError(
-            "Could not find the optimizer's step counter in the JAX train state."
-        )
+        return args[0][2][self._counter_index()]
 
     def _run_gated(self, base_step, gates, args, kwargs):
         """Keras' own step, with per-block gates and the optimizer gated alike."""
@@ -198,6 +256,28 @@ class Steps:
             ]
         return self._free_variables
 
+    def _packed_step(self, packing, key, packed, data):
+        """One gathered JAX train step on the packed state (`stacked.py`)."""
+        model = self.model
+        counter = packing.rest[2].index(self._counter_index())
+        on, scale = self.path_at(packed[2][counter], KERAS)
+        idx, _ = gather.path_positions(on, key[1])
+        self._gathered = (idx, scale)
+        try:
+            lists = packing.read(packed, idx)
+            logs, state = type(model).train_step(model, (*lists, packed[3]), data)
+        finally:
+            self._gathered = None
+        return logs, (*packing.write(packed, state[:3], idx), state[3])
+
+    def _counter_index(self):
+        """The index of the optimizer's step counter in its variables."""
+        optimizer = self.model.optimizer
+        for n, variable in enumerate(optimizer.variables):
+            if variable is optimizer.iterations:
+                return n
+        raise RuntimeError("The optimizer's step counter is not among its variables.")
+
     # ------------------------------------------------------------------
     # The train function.
 
@@ -211,23 +291,41 @@ class Steps:
         variants = {}
         compiled = {}
         self.compiled = compiled
+        model = self.model
 
-        def variant(key):
-            if key not in variants:
+        def variant(key, packing):
+            if (key, packing) not in variants:
+                if packing is None:
 
-                def step(*args, **kwargs):
-                    self.tracing = key
-                    return type(self.model).train_step(self.model, *args, **kwargs)
+                    def step(*args, **kwargs):
+                        self.tracing = key
+                        return type(model).train_step(model, *args, **kwargs)
 
-                variants[key] = make_base(step)
-            return variants[key]
+                else:
+
+                    def step(state, data):
+                        self.tracing = key
+                        return self._packed_step(packing, key, state, data)
+
+                variants[key, packing] = make_base(step)
+            return variants[key, packing]
 
         def train_function(*args, **kwargs):
             if self.plan is None:
-                key = ("static", (True,) * len(self.model.blocks))
+                key = ("static", (True,) * len(model.blocks))
             else:
                 key = self.variant
-            function = variant(key)
+            # JAX: the gathered steps thread the packed state; the others,
+            # Keras' own. Converted where consecutive executions differ.
+            packing = self.packing if key[0] == "gather" and self.plan is not None else None
+            function = variant(key, packing)
+            if self.packing is not None and args and isinstance(args[0], tuple):
+                state = args[0]
+                if packing is not None and not packing.is_packed(state):
+                    state = packing.pack(state)
+                elif packing is None and self.packing.is_packed(state):
+                    state = self.packing.unpack(state)
+                args = (state, *args[1:])
             # PyTorch looks `train_step` up at each call: tell it the variant.
             self.tracing = key
             if key in compiled or keras.backend.backend() == "torch":

@@ -339,6 +339,13 @@ class RandomPartModel(keras.Model):
             return super().train_step(*args, **kwargs)
         return self._steps.train_step(super().train_step, args, kwargs)
 
+    def jax_state_sync(self):
+        # JAX: a `fit` may hold the blocks' state packed (`engine/stacked.py`).
+        self._steps.unpack_jax_state()
+        sync = getattr(super(), "jax_state_sync", None)
+        if sync is not None:
+            sync()
+
     def make_train_function(self, force=False):
         key = self._steps.key
         if (
