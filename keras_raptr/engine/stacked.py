@@ -11,12 +11,15 @@ While a `fit` trains a `RandomPartModel` whose blocks share one structure
 
 - the variables of no block (embeddings, heads, the step counter) stay one
   array each, in their order;
-- variable `j` of every block (block `i`'s entry `j` of the `Layout`) is one
-  array of shape `(L, *shape)`, row `i` being block `i`'s.
+- the blocks' variables in that list, per dtype, are one array of shape
+  `(L, P)`: row `i` holds block `i`'s variables of that dtype, flattened
+  and laid end to end in the `Layout`'s order (for the optimizer: every
+  slot of every weight of the block).
 
-A step then reads its path's rows (`take`) and writes them back in place
-(`.at[rows].set` on a donated buffer): the step touches the `k` on-path
-blocks' rows only, whatever `L` is.
+A step then reads its path's rows (one `take` per array) and writes them
+back in place (one `.at[idx].set` per array, on a donated buffer): it
+touches the `k` on-path blocks' rows only, whatever `L` is, in a handful of
+ops whatever the number of variables a block has.
 
 The packed state keeps Keras' four lists (trainable, non-trainable,
 optimizer, metrics), so `fit` threads it as it would its own. Keras' state
@@ -29,20 +32,34 @@ moment it runs.
 
 
 class Packing:
-    """How a `Layout`'s block variables pack into stacked arrays, and back."""
+    """How a `Layout`'s block variables pack into stacked arrays, and back.
 
-    def __init__(self, layout, sizes):
+    Args:
+        layout: the blocks' `gather.Layout`.
+        specs: per Keras list (trainable, non-trainable, optimizer), the
+            `(shape, dtype)` of each of its variables.
+    """
+
+    def __init__(self, layout, specs):
         import jax
 
-        # Per Keras list (trainable, non-trainable, optimizer): the block
-        # table (`[block][role]` -> list index) and the non-block indices.
         self.tables = (layout.trainable, layout.non_trainable, layout.slots)
-        self.sizes = tuple(sizes)
-        self.rest = []
-        for table, size in zip(self.tables, self.sizes):
-            owned = {n for row in table for n in row}
-            self.rest.append([n for n in range(size) if n not in owned])
+        self.sizes = tuple(len(s) for s in specs)
         self.num_blocks = len(layout.trainable)
+        # Per list: the indices of no block, and the groups of the blocks'
+        # variables (per dtype: `[(role, offset, size, shape)]`).
+        self.rest = []
+        self.groups = []
+        for table, spec in zip(self.tables, specs):
+            owned = {n for row in table for n in row}
+            self.rest.append([n for n in range(len(spec)) if n not in owned])
+            groups = {}
+            for j, n in enumerate(table[0] if table else ()):
+                shape, dtype = spec[n]
+                entries = groups.setdefault(str(dtype), [])
+                offset = entries[-1][1] + entries[-1][2] if entries else 0
+                entries.append((j, offset, _size(shape), tuple(shape)))
+            self.groups.append([groups[d] for d in sorted(groups)])
         self._pack = jax.jit(self._pack_lists)
         self._unpack = jax.jit(self._unpack_lists)
 
@@ -67,25 +84,18 @@ class Packing:
         import jax.numpy as jnp
 
         packed = []
-        for values, table, rest in zip(lists, self.tables, self.rest):
-            roles = len(table[0]) if table else 0
-            packed.append(
-                [values[n] for n in rest]
-                + [jnp.stack([values[row[j]] for row in table]) for j in range(roles)]
-            )
+        for values, table, rest, groups in zip(lists, self.tables, self.rest, self.groups):
+            flat = [
+                jnp.stack([_row(jnp, [values[row[j]] for j, *_ in group]) for row in table])
+                for group in groups
+            ]
+            packed.append([values[n] for n in rest] + flat)
         return tuple(packed)
 
     def _unpack_lists(self, lists):
-        out = []
-        for values, table, rest, size in zip(lists, self.tables, self.rest, self.sizes):
-            full = [None] * size
-            for m, n in enumerate(rest):
-                full[n] = values[m]
-            for j, stacked in enumerate(values[len(rest):]):
-                for i, row in enumerate(table):
-                    full[row[j]] = stacked[i]
-            out.append(full)
-        return tuple(out)
+        return tuple(
+            self._lists(lists, lambda stacked, i: stacked[i], range(self.num_blocks))
+        )
 
     # ------------------------------------------------------------------
     # Inside the step.
@@ -100,36 +110,44 @@ class Packing:
         import jax.numpy as jnp
 
         k = idx.shape[0]
-        out = []
-        for values, table, rest, size in zip(
-            packed, self.tables, self.rest, self.sizes
-        ):
-            full = [None] * size
-            for m, n in enumerate(rest):
-                full[n] = values[m]
-            for j, stacked in enumerate(values[len(rest):]):
-                taken = jnp.take(
-                    stacked, idx, axis=0, indices_are_sorted=True, unique_indices=True
+        taken = {}
+
+        def row(stacked, t):
+            if t >= k:
+                return stacked[t]
+            if id(stacked) not in taken:
+                # `clip`: the indices are in range; the default would mask
+                # every element of the rows against out-of-range indices.
+                taken[id(stacked)] = jnp.take(
+                    stacked,
+                    idx,
+                    axis=0,
+                    mode="clip",
+                    indices_are_sorted=True,
+                    unique_indices=True,
                 )
-                for t, row in enumerate(table):
-                    full[row[j]] = taken[t] if t < k else stacked[t]
-            out.append(full)
-        return out
+            return taken[id(stacked)][t]
+
+        return self._lists(packed, row, range(self.num_blocks))
 
     def write(self, packed, lists, idx):
         """The packed state after a gathered step that returned Keras' `lists`.
 
-        Row `idx[t]` of each stacked array takes position `t`'s new value,
+        Row `idx[t]` of each stacked array takes position `t`'s new values,
         in place (the buffers are donated); the other rows keep theirs.
         """
         import jax.numpy as jnp
 
         k = idx.shape[0]
         out = []
-        for old, new, table, rest in zip(packed, lists, self.tables, self.rest):
+        for old, new, table, rest, groups in zip(
+            packed, lists, self.tables, self.rest, self.groups
+        ):
             values = [new[n] for n in rest]
-            for j, stacked in enumerate(old[len(rest):]):
-                fresh = jnp.stack([new[table[t][j]] for t in range(k)])
+            for stacked, group in zip(old[len(rest):], groups):
+                fresh = jnp.stack(
+                    [_row(jnp, [new[table[t][j]] for j, *_ in group]) for t in range(k)]
+                )
                 values.append(
                     stacked.at[idx].set(
                         fresh.astype(stacked.dtype),
@@ -139,3 +157,32 @@ class Packing:
                 )
             out.append(values)
         return out
+
+    def _lists(self, packed, row, positions):
+        """Keras' lists, position `t`'s variables cut from `row(stacked, t)`."""
+        out = []
+        for values, table, rest, groups, size in zip(
+            packed, self.tables, self.rest, self.groups, self.sizes
+        ):
+            full = [None] * size
+            for m, n in enumerate(rest):
+                full[n] = values[m]
+            for stacked, group in zip(values[len(rest):], groups):
+                for t in positions:
+                    flat = row(stacked, t)
+                    for j, offset, length, shape in group:
+                        full[table[t][j]] = flat[offset : offset + length].reshape(shape)
+            out.append(full)
+        return out
+
+
+def _row(jnp, arrays):
+    """One block's variables of one dtype, flattened end to end."""
+    return jnp.concatenate([jnp.reshape(a, (-1,)) for a in arrays])
+
+
+def _size(shape):
+    size = 1
+    for dim in shape:
+        size *= int(dim)
+    return size

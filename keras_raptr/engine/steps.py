@@ -20,6 +20,7 @@ and every `fit` while the plan stays the same.
 """
 
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -47,6 +48,8 @@ class Steps:
         self.tracing = None
         self.compiled = {}
         self._layout = False
+        self._layout_key = None
+        self._found = None
         self.fallback_reason = None
         self._free_variables = None
         # JAX: the packing of the blocks' state for this `fit` (or `None`),
@@ -115,7 +118,7 @@ class Steps:
         self.variant = variant
 
     def layout(self):
-        """The blocks' `gather.Layout` (found once per `fit`), or `None`."""
+        """The blocks' `gather.Layout` (checked once per `fit`), or `None`."""
         if self._layout is False:
             model = self.model
             if keras.backend.backend() == "jax":
@@ -124,7 +127,22 @@ class Steps:
             if model.optimizer is not None and not model.optimizer.built:
                 # As Keras would at the first step (TensorFlow builds late).
                 model.optimizer.build(model.trainable_variables)
-            self._layout, self.fallback_reason = gather.layout(model)
+            # Finding each weight's slots runs the optimizer's update once
+            # per block variable: done again only when the optimizer or the
+            # variables change, not at every `fit`.
+            key = tuple(
+                tuple(id(v) for v in variables)
+                for variables in (
+                    model.trainable_variables,
+                    model.non_trainable_variables,
+                    getattr(model.optimizer, "variables", ()),
+                )
+            )
+            owner, found_key = self._layout_key or (None, None)
+            if owner is None or owner() is not model.optimizer or found_key != key:
+                self._found = gather.layout(model)
+                self._layout_key = (_weak(model.optimizer), key)
+            self._layout, self.fallback_reason = self._found
             self.packing = self._make_packing()
         return self._layout
 
@@ -140,18 +158,18 @@ class Steps:
             or keras.distribution.distribution() is not None
         ):
             return None
-        sizes = (
-            len(model.trainable_variables),
-            len(model.non_trainable_variables),
-            len(model.optimizer.variables),
+        specs = tuple(
+            tuple((tuple(v.shape), v.dtype) for v in variables)
+            for variables in (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                model.optimizer.variables,
+            )
         )
         layout = self._layout
-        signature = (
-            sizes,
-            repr((layout.trainable, layout.non_trainable, layout.slots)),
-        )
+        signature = repr((specs, layout.trainable, layout.non_trainable, layout.slots))
         if signature not in self._packings:
-            self._packings[signature] = stacked.Packing(layout, sizes)
+            self._packings[signature] = stacked.Packing(layout, specs)
         return self._packings[signature]
 
     def unpack_jax_state(self):
@@ -340,6 +358,13 @@ class Steps:
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
+
+
+def _weak(value):
+    """A weak reference to `value`, or a dead one for `None`."""
+    if value is None:
+        return lambda: False
+    return weakref.ref(value)
 
 
 def variant_name(key):
