@@ -15,8 +15,8 @@ Read in this order:
   gathered into the first `k` block positions, a plain `k`-block network
   trains, and the results scatter back.
 - `stacked.py`: JAX only: between gathered steps, `fit` threads the blocks'
-  state stacked (one `(L, ...)` array per variable role), so that a step
-  reads and writes only its path's rows.
+  state stacked (per dtype, one `(L, P)` array, a row per block), so that a
+  step reads and writes only its path's rows.
 - `optimizer_gate.py`: the fallback for blocks of different structures: one
   conditional per block in the forward, backward and optimizer update.
 """
