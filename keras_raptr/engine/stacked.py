@@ -30,6 +30,8 @@ copies the blocks' weights and slots once, and holds both copies for the
 moment it runs.
 """
 
+import math
+
 
 class Packing:
     """How a `Layout`'s block variables pack into stacked arrays, and back.
@@ -58,7 +60,7 @@ class Packing:
                 shape, dtype = spec[n]
                 entries = groups.setdefault(str(dtype), [])
                 offset = entries[-1][1] + entries[-1][2] if entries else 0
-                entries.append((j, offset, _size(shape), tuple(shape)))
+                entries.append((j, offset, math.prod(shape), tuple(shape)))
             self.groups.append([groups[d] for d in sorted(groups)])
         self._pack = jax.jit(self._pack_lists)
         self._unpack = jax.jit(self._unpack_lists)
@@ -179,10 +181,3 @@ class Packing:
 def _row(jnp, arrays):
     """One block's variables of one dtype, flattened end to end."""
     return jnp.concatenate([jnp.reshape(a, (-1,)) for a in arrays])
-
-
-def _size(shape):
-    size = 1
-    for dim in shape:
-        size *= int(dim)
-    return size

@@ -48,8 +48,9 @@ class Steps:
         self.tracing = None
         self.compiled = {}
         self._layout = False
-        self._layout_key = None
-        self._found = None
+        # `(optimizer weakref, variable ids, (layout, reason))` of the last
+        # layout found.
+        self._layout_cache = None
         self.fallback_reason = None
         self._free_variables = None
         # JAX: the packing of the blocks' state for this `fit` (or `None`),
@@ -138,11 +139,14 @@ class Steps:
                     getattr(model.optimizer, "variables", ()),
                 )
             )
-            owner, found_key = self._layout_key or (None, None)
-            if owner is None or owner() is not model.optimizer or found_key != key:
-                self._found = gather.layout(model)
-                self._layout_key = (_weak(model.optimizer), key)
-            self._layout, self.fallback_reason = self._found
+            cached = self._layout_cache
+            if cached and cached[0]() is model.optimizer and cached[1] == key:
+                found = cached[2]
+            else:
+                found = gather.layout(model)
+                if model.optimizer is not None:
+                    self._layout_cache = (weakref.ref(model.optimizer), key, found)
+            self._layout, self.fallback_reason = found
             self.packing = self._make_packing()
         return self._layout
 
@@ -358,13 +362,6 @@ class Steps:
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
-
-
-def _weak(value):
-    """A weak reference to `value`, or a dead one for `None`."""
-    if value is None:
-        return lambda: False
-    return weakref.ref(value)
 
 
 def variant_name(key):
