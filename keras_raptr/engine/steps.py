@@ -48,16 +48,13 @@ class Steps:
         self.tracing = None
         self.compiled = {}
         self._layout = False
-        # `(optimizer weakref, variable ids, (layout, reason))` of the last
-        # layout found.
+        # `(optimizer weakref, variable ids, (layout, reason), packing)` of
+        # the last layout found (the packing's conversions compile once).
         self._layout_cache = None
         self.fallback_reason = None
         self._free_variables = None
-        # JAX: the packing of the blocks' state for this `fit` (or `None`),
-        # and the packings made so far, by layout (their conversions are
-        # compiled once).
+        # JAX: the packing of the blocks' state for this `fit` (or `None`).
         self.packing = None
-        self._packings = {}
         # JAX, while a packed gathered step traces: its path's `(idx, scale)`.
         self._gathered = None
 
@@ -140,41 +137,28 @@ class Steps:
                 )
             )
             cached = self._layout_cache
-            if cached and cached[0]() is model.optimizer and cached[1] == key:
-                found = cached[2]
-            else:
+            if not (cached and cached[0]() is model.optimizer and cached[1] == key):
                 found = gather.layout(model)
-                if model.optimizer is not None:
-                    self._layout_cache = (weakref.ref(model.optimizer), key, found)
-            self._layout, self.fallback_reason = found
-            self.packing = self._make_packing()
+                packing = None
+                if found[0] is not None and keras.backend.backend() == "jax":
+                    packing = stacked.Packing(found[0], _specs(model))
+                owner = model.optimizer and weakref.ref(model.optimizer)
+                cached = (owner, key, found, packing)
+                if owner is not None:
+                    self._layout_cache = cached
+            self._layout, self.fallback_reason = cached[2]
+            self.packing = cached[3] if self._packs() else None
         return self._layout
 
-    def _make_packing(self):
-        """The `stacked.Packing` of this `fit` (JAX, compiled, >= 2 blocks)."""
+    def _packs(self):
+        """Whether this `fit` threads the blocks' state packed (`stacked.py`)."""
         model = self.model
-        if (
-            self._layout is None
-            or keras.backend.backend() != "jax"
-            or len(model.blocks) < 2
-            or model.run_eagerly
-            or not model.jit_compile
-            or keras.distribution.distribution() is not None
-        ):
-            return None
-        specs = tuple(
-            tuple((tuple(v.shape), v.dtype) for v in variables)
-            for variables in (
-                model.trainable_variables,
-                model.non_trainable_variables,
-                model.optimizer.variables,
-            )
+        return (
+            len(model.blocks) >= 2
+            and not model.run_eagerly
+            and model.jit_compile
+            and keras.distribution.distribution() is None
         )
-        layout = self._layout
-        signature = repr((specs, layout.trainable, layout.non_trainable, layout.slots))
-        if signature not in self._packings:
-            self._packings[signature] = stacked.Packing(layout, specs)
-        return self._packings[signature]
 
     def unpack_jax_state(self):
         """Puts a packed `fit` state back in Keras' form, before a sync."""
@@ -362,6 +346,18 @@ class Steps:
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
+
+
+def _specs(model):
+    """Per Keras list, the `(shape, dtype)` of each variable."""
+    return tuple(
+        tuple((tuple(v.shape), v.dtype) for v in variables)
+        for variables in (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+        )
+    )
 
 
 def variant_name(key):
