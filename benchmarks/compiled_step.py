@@ -3,9 +3,11 @@
 A CPU's wall-clock hides an accelerator's fixed cost per op (a conditional
 costs about 0.2 ms on an H100 whatever it guards), so this counts, in the
 optimized HLO of one train step (JAX `jit`; TensorFlow with
-`jit_compile=True`), the conditionals and matrix products, and reads XLA's
-cost analysis (JAX: FLOPs and bytes accessed), for the model of
-`step_time.py` (8 keras-hub encoder blocks, width 128, Adam):
+`jit_compile=True`), the conditionals, the matrix products and the distinct
+kernels (what XLA:CPU's code generation time grows with), and reads XLA's
+cost analysis (JAX: FLOPs and bytes accessed) and the seconds one compile
+takes (JAX), for the model of `step_time.py` (8 keras-hub encoder blocks,
+width 128, Adam):
 
 - `gathered`: a drawn path of k blocks, the step RaPTr runs;
 - `conditional`: the same path through the fallback (one conditional per
@@ -16,14 +18,17 @@ cost analysis (JAX: FLOPs and bytes accessed), for the model of
     python benchmarks/compiled_step.py --backends jax
 
 Writes `benchmarks/results/compiled_step.json` and `compiled_step.md`.
-Compiling is all it does: it takes a few minutes and needs no quiet machine.
+Compiling is all it does: it takes a few minutes, and only the compile
+seconds need a quiet machine.
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -65,10 +70,14 @@ def compiled(model, x, y, variant=None):
                 return steps._packed_step(packing, variant, packed, data)
 
             state = packing.pack(state)
-        executable = jax.jit(step).lower(state, (x, y)).compile()
+        lowered = jax.jit(step).lower(state, (x, y))
+        start = time.perf_counter()
+        executable = lowered.compile()
+        seconds = time.perf_counter() - start
         cost = executable.cost_analysis()
         return executable.as_text(), {
             "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
+            "compile_s": round(seconds, 2),
         }
     import tensorflow as tf
 
@@ -86,11 +95,33 @@ def arguments(text):
     return entry.count(" parameter(")
 
 
+def kernels(text):
+    """`(fused computations, distinct ones)` in the optimized HLO.
+
+    Two fused computations are the same kernel when they differ only in
+    names and metadata: XLA:CPU generates code once per distinct one, so
+    this, not the op count, is what its compile time grows with.
+    """
+    bodies = [
+        chunk.split("\n", 1)[-1]
+        for chunk in re.split(r"\n(?=\S)", text)
+        if chunk.startswith("%fused")
+    ]
+    normal = {
+        re.sub(r"%[\w.\-]+", "%", re.sub(r", metadata=\{[^}]*\}", "", body))
+        for body in bodies
+    }
+    return len(bodies), len(normal)
+
+
 def counts(text, cost):
+    fused, distinct = kernels(text)
     return {
         "conditionals": text.count("conditional("),
         "dots": text.count(" dot("),
         "arguments": arguments(text),
+        "kernels": fused,
+        "distinct_kernels": distinct,
         **cost,
     }
 
@@ -127,8 +158,8 @@ def run_child(args):
 
 def table(results):
     lines = [
-        "| backend | path | conditionals: gathered / fallback / plain | matrix products: gathered / fallback / plain | arrays passed: gathered / fallback / plain | XLA FLOPs gathered / plain | bytes accessed gathered / plain |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | path | conditionals: gathered / fallback / plain | matrix products: gathered / fallback / plain | arrays passed: gathered / fallback / plain | XLA FLOPs gathered / plain | bytes accessed gathered / plain | distinct kernels: gathered / plain | compile s: gathered / plain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for row in result["rows"]:
@@ -142,7 +173,9 @@ def table(results):
                 f"{g['conditionals']} / {c['conditionals']} / {p['conditionals']} | "
                 f"{g['dots']} / {c['dots']} / {p['dots']} | "
                 f"{g.get('arguments', 'n/a')} / {c.get('arguments', 'n/a')} / "
-                f"{p.get('arguments', 'n/a')} | {flops} | {bytes_} |"
+                f"{p.get('arguments', 'n/a')} | {flops} | {bytes_} | "
+                f"{g['distinct_kernels']} / {p['distinct_kernels']} | "
+                f"{g.get('compile_s', 'n/a')} / {p.get('compile_s', 'n/a')} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -282,3 +282,13 @@ def test_the_fallback_has_conditionals_that_grow_with_the_blocks(compiled_counts
     four = compiled_counts[4, 2, "fallback"][0].count("conditional(")
     eight = compiled_counts[8, 4, "fallback"][0].count("conditional(")
     assert 0 < four < eight
+
+
+def test_a_plain_models_blocks_share_their_kernels(compiled_counts):
+    # What `compiled_step.py`'s distinct-kernel count rests on: twice the
+    # blocks make more fused computations, but no new distinct kernel.
+    kernels = _benchmark("compiled_step").kernels
+    two = kernels(compiled_counts[4, 2, "plain"][0])
+    four = kernels(compiled_counts[8, 4, "plain"][0])
+    assert four[0] > two[0]
+    assert four[1] == two[1]
