@@ -24,7 +24,7 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
 - `summary.json`: method, backend, steps, final_eval_loss,
   wall_clock_seconds (of which eval_seconds and checkpoint_seconds),
   compiled_train_steps (each train step compiled, with the seconds of its
-  first call) and compile_seconds (their sum),
+  first call) and compile_seconds (their sum), devices,
   compute_fraction, train_flops, full_train_flops, the FLOPs of one full
   step split into blocks and the rest, head_positions_per_sequence, and the
   run's options;
@@ -34,11 +34,14 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
   keras-raptr), and `checkpoint.keras` for `--resume`.
 
 `--resume DIR` continues an interrupted run from its last checkpoint, in the
-right stage. `--compare` runs the baseline and the chosen method back to
+right stage. `--distribute` trains data-parallel over every visible device
+(JAX: `keras.distribution.DataParallel`; TensorFlow:
+`tf.distribute.MirroredStrategy`); the summary's `devices` says how many. `--compare` runs the baseline and the chosen method back to
 back and plots both on one figure.
 """
 
 import argparse
+import contextlib
 import csv
 import glob
 import importlib
@@ -215,14 +218,16 @@ def mlm_batch(rows, rng, vocabulary_size, mask_rate=MASK_RATE):
     x = {
         "token_ids": inputs,
         "segment_ids": np.zeros_like(inputs),
-        "padding_mask": np.ones_like(inputs, dtype=bool),
+        # int32, as the backbone's input is declared: a `tf.distribute`
+        # strategy cannot average a bool batch when Keras builds the model.
+        "padding_mask": np.ones_like(inputs, dtype="int32"),
         "mask_positions": positions,
     }
     return x, labels, np.ones_like(labels, dtype="float32")
 
 
 def clm_batch(rows):
-    x = {"token_ids": rows[:, :-1], "padding_mask": np.ones_like(rows[:, :-1], dtype=bool)}
+    x = {"token_ids": rows[:, :-1], "padding_mask": np.ones_like(rows[:, :-1], dtype="int32")}
     return x, rows[:, 1:], np.ones_like(rows[:, 1:], dtype="float32")
 
 
@@ -427,16 +432,67 @@ def corpus(args):
     return _CORPUS[key]
 
 
+def distribute(args):
+    """The backend's multi-device engine over every visible device.
+
+    Returns the device count and the scope to build the model in: JAX sets a
+    `keras.distribution.DataParallel`; TensorFlow makes a
+    `tf.distribute.MirroredStrategy` (over the GPUs, else the CPU devices).
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        devices = keras.distribution.list_devices()
+    else:
+        import tensorflow as tf
+
+        devices = [
+            d.name
+            for d in tf.config.list_logical_devices("GPU")
+            or tf.config.list_logical_devices("CPU")
+        ]
+    if args.batch_size % len(devices):
+        raise ExampleError(
+            f"--batch-size {args.batch_size} does not split over {len(devices)} "
+            f"devices; use a multiple of {len(devices)}."
+        )
+    if keras.backend.backend() == "jax":
+        scope = _distribution_scope(keras.distribution.DataParallel(devices=devices))
+    else:
+        scope = tf.distribute.MirroredStrategy(devices).scope()
+    print(f"training data-parallel on {len(devices)} devices")
+    return len(devices), scope
+
+
+@contextlib.contextmanager
+def _distribution_scope(distribution):
+    import keras
+
+    keras.distribution.set_distribution(distribution)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(None)
+
+
 def run(args, output_dir, callbacks=()):
     """One training run; returns its summary.
 
     `callbacks` are extra Keras callbacks for `fit` (the benchmarks use them).
     """
+    os.makedirs(output_dir, exist_ok=True)
+    devices, scope = 1, contextlib.nullcontext()
+    if getattr(args, "distribute", False):
+        devices, scope = distribute(args)
+    with scope:
+        return _train(args, output_dir, callbacks, devices)
+
+
+def _train(args, output_dir, callbacks, devices):
     import keras
 
     import keras_raptr
 
-    os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     train_texts, held_texts, tokenizer = corpus(args)
@@ -539,6 +595,7 @@ def run(args, output_dir, callbacks=()):
             num_masked(body) if args.objective == "mlm" else length
         ),
         "num_blocks": num_blocks,
+        "devices": devices,
         # The train steps this invocation compiled (one per kind of path),
         # and the seconds their first calls took (tracing and compiling).
         "compiled_train_steps": dict(getattr(model, "compiled_train_steps", {})),
@@ -649,6 +706,9 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     parser.add_argument("--compare", action="store_true", help="run the baseline and --method back to back, one figure")
+    parser.add_argument("--distribute", action="store_true",
+                        help="train data-parallel over every visible device (JAX: keras.distribution."
+                             "DataParallel; TensorFlow: tf.distribute.MirroredStrategy)")
     parser.add_argument("--verbose", type=int, default=1)
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -659,6 +719,14 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.seq_len < 4:
         parser.error("--seq-len must be at least 4")
+    if args.distribute:
+        import keras
+
+        if keras.backend.backend() == "torch":
+            parser.error(
+                "--distribute needs the JAX or TensorFlow backend: Keras has no "
+                "multi-device `fit` on PyTorch (README, 'Scaling out')."
+            )
     return args
 
 

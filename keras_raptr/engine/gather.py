@@ -26,6 +26,13 @@ weights and slots.
 One train function is compiled per path length `k` and reused by every stage
 and every strategy.
 
+Several devices: under a `keras.distribution` (JAX) the step is the same
+program, split by XLA. Under a `tf.distribute` strategy it runs once per
+replica, each with the same path (a function of the step); the copies into
+and out of the positions go through one `merge_call` each, which writes
+every replica's copy of a variable with that replica's (equal) value, and
+the optimizer reduces the gradients once, as Keras does.
+
 Blocks of different structures, an optimizer with an exponential moving
 average of the weights (`use_ema`), or an optimizer whose update could not
 be traced fall back to `optimizer_gate.py` (one conditional per block).
@@ -234,16 +241,18 @@ def tf_train_step(model, layout, k, on, scale, data, run_step):
         (model.optimizer.variables, layout.slots),
     )
     old = []
+    moves = []
     for variables, table in lists:
         values = {n: _read(variables[n]) for row in table for n in row}
         old.append(values)
         if table[0]:
-            for n, value in gather(values, table, idx, k).items():
-                variables[n].assign(value)
+            moves += [(variables[n], v) for n, v in gather(values, table, idx, k).items()]
+    _assign(moves)
     with gated(model, gates(k, len(model.blocks), idx, scale)), warnings.catch_warnings():
         # Positions `>= k` have no gradient, by design.
         warnings.filterwarnings("ignore", message="Gradients do not exist")
         logs = run_step(data)
+    moves = []
     for (variables, table), values in zip(lists, old):
         if not table[0]:
             continue
@@ -252,9 +261,41 @@ def tf_train_step(model, layout, k, on, scale, data, run_step):
             for row in table[:k]
             for j in range(len(row))
         }
-        for n, value in scatter(values, new, table, on, position, k).items():
-            variables[n].assign(value)
+        moves += [
+            (variables[n], v)
+            for n, v in scatter(values, new, table, on, position, k).items()
+        ]
+    _assign(moves)
     return logs
+
+
+def _assign(moves):
+    """Assigns each `(variable, value)`, in the replicas' place if need be.
+
+    Under a `tf.distribute` strategy the step runs once per replica, and a
+    replica may not assign a mirrored variable: one `merge_call` hands every
+    replica's values to the strategy, which assigns each replica's copy its
+    own (equal) value. Nothing is reduced across replicas.
+    """
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if not tf.distribute.has_strategy() or context is None:
+        for variable, value in moves:
+            variable.assign(value)
+        return
+
+    def assign_all(strategy, values):
+        for (variable, _), value in zip(moves, values):
+            strategy.extended.update(
+                variable.value, _assign_one, args=(value,), group=False
+            )
+
+    context.merge_call(assign_all, args=([value for _, value in moves],))
+
+
+def _assign_one(variable, value):
+    variable.assign(value)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ are, and its update costs nothing.
 - PyTorch: the path is known on the host; the off-path blocks' (absent)
   gradients are dropped before the optimizer sees them.
 - A gate that is a Python bool (PyTorch, or a path that is the same at every
-  step of a stage) decides when tracing: no conditional at all.
+  step of a stage) decides when tracing: no conditional at all. On
+  TensorFlow such a step needs no gate (`engine/steps.py`): the blocks off
+  the path have no gradient, and Keras' optimizer leaves them out.
 """
 
 import contextlib

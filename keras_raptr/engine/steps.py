@@ -20,6 +20,7 @@ and every `fit` while the plan stays the same.
 """
 
 import time
+import warnings
 import weakref
 
 import keras
@@ -113,6 +114,21 @@ class Steps:
                     variant = ("static", (False,) * num_blocks)
                 else:
                     variant = ("gather", k)
+            strategy = _tf_distribute_strategy(self.model)
+            if variant == ("drawn",) and strategy is not None:
+                reason = self.fallback_reason or (
+                    f"the {stop - start} steps of one execution "
+                    f"(`steps_per_execution={stop - start}`) have paths of "
+                    f"{len(lengths)} different lengths"
+                )
+                raise ValueError(
+                    f"Under `{strategy}`, the steps from optimizer step {start} "
+                    f"need the fallback train step ({reason}), whose per-block "
+                    "optimizer updates a `tf.distribute` strategy cannot run. "
+                    "Compile with `steps_per_execution=1` (or sample paths of "
+                    "one length per stage: `sampling='subset'`), and give the "
+                    "blocks one structure."
+                )
         self.variant = variant
 
     def layout(self):
@@ -248,6 +264,15 @@ class Steps:
         fixed = self.plan.fixed_blocks
         gates = [None if i in fixed else gate for i, gate in enumerate(gates)]
         free = [gate[0] for gate in gates if gate is not None]
+        if keras.backend.backend() == "tensorflow" and all(isinstance(on, bool) for on in free):
+            # A path known when tracing: TensorFlow gives the blocks off it no
+            # gradient, and Keras' optimizer leaves out (weight decay
+            # included) the variables without one. No gate needed, and none
+            # that a `tf.distribute` strategy's cross-replica update would
+            # have to run through.
+            with gather.gated(model, gates), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Gradients do not exist")
+                return base_step(*args, **kwargs)
         with gather.gated(model, gates):
             with skip_off_path_updates(model.optimizer, self._free_block_variables(), free):
                 return base_step(*args, **kwargs)
@@ -346,6 +371,17 @@ class Steps:
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
+
+
+def _tf_distribute_strategy(model):
+    """The class name of the `tf.distribute` strategy `model` trains under, or `None`."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    strategy = getattr(model, "distribute_strategy", None)
+    name = type(strategy).__name__
+    if strategy is None or name == "_DefaultDistributionStrategy":
+        return None
+    return name
 
 
 def _specs(model):

@@ -355,15 +355,26 @@ class RandomPartModel(keras.Model):
         ):
             return self.train_function
 
+        shardings = None
+        if keras.backend.backend() == "jax" and keras.distribution.distribution():
+            # Keras reads the state's shardings off the variables when it
+            # builds a train function; a variant built mid-`fit` (when Keras
+            # has released the variables' values) reuses these.
+            shardings = self._get_state_sharding_spec()
+
         def make_base(step):
             # Keras' own train function around `step` for one variant.
             dispatcher = self.train_function
             object.__setattr__(self, "train_step", step)
+            if shardings is not None:
+                object.__setattr__(self, "_get_state_sharding_spec", lambda: shardings)
             try:
                 super(RandomPartModel, self).make_train_function(force=True)
                 return self.train_function
             finally:
                 object.__delattr__(self, "train_step")
+                if shardings is not None:
+                    object.__delattr__(self, "_get_state_sharding_spec")
                 self.train_function = dispatcher
 
         self.train_function = self._steps.train_function(make_base)

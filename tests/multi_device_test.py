@@ -1,0 +1,153 @@
+"""RaPTr on several devices: JAX's `keras.distribution`, TensorFlow's strategies.
+
+`multi_device_run.py` trains on emulated CPU devices (4 on JAX, 2 on
+TensorFlow) in a process of its own: a backend fixes its device count when
+it starts. Every strategy, under each engine (JAX: `DataParallel`, and
+`ModelParallel` with the blocks' kernels split; TensorFlow:
+`MirroredStrategy`), must train the paths of the single-device run: the
+same losses step for step, the same stage logs, the same weights.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
+HERE = os.path.dirname(os.path.abspath(__file__))
+STRATEGIES = ("StageSchedule", "ProgressiveLayerDrop", "StochasticDepth", "GradualStacking")
+ENGINES = {
+    "jax": ("DataParallel", "ModelParallel"),
+    "tensorflow": ("MirroredStrategy",),
+    "torch": (),
+}
+
+
+def _child(directory, *part):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "multi_device_run.py"), str(directory), *part],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not ENGINES[BACKEND]:
+        pytest.skip("Keras has no multi-device `fit` on PyTorch")
+    return _child(tmp_path_factory.mktemp("multi_device"))
+
+
+def assert_same_weights(weights, expected):
+    # Another path at some step would move the weights of the blocks it
+    # trained by about the learning rate (0.01); sums split over devices
+    # differ in rounding only.
+    for block, expected_block in zip(weights, expected):
+        for w, expected_w in zip(block, expected_block):
+            np.testing.assert_allclose(w, expected_w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["DataParallel", "ModelParallel", "MirroredStrategy"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_trains_the_single_device_paths(runs, engine, strategy):
+    if engine not in ENGINES[BACKEND]:
+        pytest.skip(f"{engine} is not a {BACKEND} engine")
+    assert runs["devices"] == (4 if BACKEND == "jax" else 2)
+    single = runs["runs"][f"single/{strategy}"]
+    run = runs["runs"][f"{engine}/{strategy}"]
+    assert len(run["losses"]) == 12
+    np.testing.assert_allclose(run["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+    assert_same_weights(run["weights"], single["weights"])
+    # The same stage boundaries and logs, and the same train steps compiled.
+    assert len(run["epochs"]) == len(single["epochs"]) == 3
+    for epoch, single_epoch in zip(run["epochs"], single["epochs"]):
+        assert epoch.keys() == single_epoch.keys()
+        for key in ("stage", "path_length"):
+            if key in single_epoch:
+                assert epoch[key] == pytest.approx(single_epoch[key], rel=1e-6)
+    assert run["compiled"] == single["compiled"]
+
+
+def test_the_fallback_step_trains_the_same_paths_under_a_distribution(runs):
+    if BACKEND != "jax":
+        pytest.skip("TensorFlow's strategies refuse the fallback (test below)")
+    single = runs["runs"]["single/StageSchedule"]
+    run = runs["runs"]["DataParallel/StageSchedule/steps_per_execution=2"]
+    assert "conditional" in run["compiled"]
+    # One log per execution of two steps: the running mean after each pair.
+    np.testing.assert_allclose(run["losses"], single["losses"][1::2], rtol=1e-5)
+    assert_same_weights(run["weights"], single["weights"])
+
+
+def test_a_run_saved_and_loaded_under_an_engine_resumes_exactly(runs):
+    # 8 steps, save, `load_model`, 4 steps, against 12 straight.
+    straight = runs["runs"][f"{runs['resumed_engine']}/StageSchedule"]
+    resumed = runs["resumed"]
+    np.testing.assert_allclose(resumed["losses"], straight["losses"][-4:], rtol=1e-6)
+    assert_same_weights(resumed["weights"], straight["weights"])
+    assert resumed["epochs"][-1]["stage"] == straight["epochs"][-1]["stage"]
+
+
+def test_model_parallel_splits_the_blocks_kernels(runs):
+    if BACKEND != "jax":
+        pytest.skip("keras.distribution's ModelParallel runs on JAX")
+    assert "'model'" in runs["runs"]["ModelParallel/StageSchedule"]["kernel_sharding"]
+    assert "'model'" not in runs["runs"]["DataParallel/StageSchedule"]["kernel_sharding"]
+    assert runs["runs"]["single/StageSchedule"]["kernel_sharding"] == "None"
+
+
+def test_one_gradient_all_reduce_per_step_as_without_raptr(runs):
+    if BACKEND != "tensorflow":
+        pytest.skip("counted on tf.distribute's replica context")
+    # Static paths, gathered steps and the full network alike: the blocks'
+    # updates do not each reduce their own gradients.
+    assert runs["all_reduces_per_step"] == 1
+
+
+def test_the_example_trains_on_every_device(runs, tmp_path):
+    example = _child(tmp_path, "example")
+    assert example["code"] == 0
+    summary = example["summary"]
+    assert summary["devices"] == runs["devices"]
+    assert summary["steps"] == 4
+    assert np.isfinite(summary["final_eval_loss"])
+
+
+def test_the_example_refuses_to_distribute_on_torch(tmp_path):
+    if BACKEND != "torch":
+        pytest.skip("JAX and TensorFlow have multi-device engines")
+    path = os.path.join(HERE, "..", "examples", "pretrain.py")
+    spec = importlib.util.spec_from_file_location("pretrain_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit) as raised:
+        example.main(["--distribute", "--output-dir", str(tmp_path / "run")])
+    assert raised.value.code == 2
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_step_that_needs_the_fallback_under_tf_distribute_gets_a_clear_error():
+    if BACKEND != "tensorflow":
+        pytest.skip("tf.distribute is TensorFlow's")
+    import tensorflow as tf
+
+    import keras_raptr
+    from toy_models import regression_data
+    from toy_models import residual_mlp
+
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        inner, blocks = residual_mlp(6)
+        model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
+        # Two steps per execution, paths of different lengths within one.
+        model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
+    schedule = keras_raptr.StageSchedule([keras_raptr.Stage(3.5, 8)])
+    with pytest.raises(ValueError, match="MirroredStrategy.*`steps_per_execution=1`"):
+        model.fit(*regression_data(n=64), batch_size=8, callbacks=[schedule], verbose=0)
