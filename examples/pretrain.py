@@ -13,7 +13,10 @@ width 128), trained to predict 15% of masked tokens, under RaPTr `6-8-10-12`
 (`--method raptr`, the default), or a peer: `baseline` (every block, every
 step), `pld`, `stochastic-depth` (both matched to RaPTr's compute), or
 `stacking` (`6-9-12`). For RaPTr, `--sampling`, `--scaling` and
-`--fixed-blocks` set the `StageSchedule` options. `--objective clm` trains a
+`--fixed-blocks` set the `StageSchedule` options; `--stage-lengths` sets the
+stages' lengths (equal by default). The learning rate is constant
+(`--learning-rate`), or with `--lr-schedule warmup-cosine` warms up linearly
+over `--warmup-steps` and then decays to 0 along a cosine. `--objective clm` trains a
 GPT-2-style causal LM on the same tokens instead.
 
 The progress bar shows the loss, the stage and the path length; the held-out
@@ -296,15 +299,20 @@ def make_strategy(args, num_blocks):
     try:
         if args.method == "baseline":
             return None
+        lengths = stage_lengths(getattr(args, "stage_lengths", None))
         if args.method == "raptr":
             return keras_raptr.StageSchedule.from_spec(
-                spec, total_steps=args.steps, **raptr_options(args)
+                spec, total_steps=args.steps, stage_lengths=lengths, **raptr_options(args)
             )
         if args.method == "stacking":
-            return keras_raptr.GradualStacking.from_spec(spec, total_steps=args.steps)
+            return keras_raptr.GradualStacking.from_spec(
+                spec, total_steps=args.steps, stage_lengths=lengths
+            )
         if spec == "matched":
+            # RaPTr's default schedule, with --stage-lengths if given.
             reference = keras_raptr.StageSchedule.from_spec(
-                default_schedule("raptr", num_blocks), total_steps=args.steps
+                default_schedule("raptr", num_blocks), total_steps=args.steps,
+                stage_lengths=lengths,
             )
             fraction = reference.compute_fraction(num_blocks)
         else:
@@ -319,6 +327,37 @@ def make_strategy(args, num_blocks):
         return keras_raptr.StochasticDepth.from_compute_fraction(fraction, num_blocks)
     except ValueError as error:
         raise ExampleError(f"--schedule {spec!r} for --method {args.method}: {error}") from error
+
+
+def stage_lengths(text):
+    """`--stage-lengths` ("2,2,2,4" steps, or "0.2,0.2,0.2,0.4" fractions)."""
+    if not text:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if all(part.isdigit() for part in parts):
+            return [int(part) for part in parts]
+        return [float(part) for part in parts]
+    except ValueError:
+        raise ExampleError(
+            f"--stage-lengths {text!r}: write one length per stage, joined by "
+            "commas: steps (200,200,200,400) or fractions (0.2,0.2,0.2,0.4)."
+        ) from None
+
+
+def learning_rate(args):
+    """`--learning-rate`, constant or under `--lr-schedule warmup-cosine`."""
+    import keras
+
+    if getattr(args, "lr_schedule", "constant") == "constant":
+        return args.learning_rate
+    warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 10
+    # Linear warm-up from 0 to --learning-rate, then a cosine decay to 0 at
+    # --steps (Keras' own schedule; it saves and resumes with the optimizer).
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, args.steps - warmup),
+        warmup_target=args.learning_rate, warmup_steps=warmup,
+    )
 
 
 def raptr_options(args):
@@ -521,7 +560,7 @@ def _train(args, output_dir, callbacks, devices):
         task = task or build_task(args, vocabulary_size)
         model = keras_raptr.RandomPartModel(task, seed=args.seed)
         model.compile(
-            optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01),
+            optimizer=keras.optimizers.AdamW(learning_rate(args), weight_decay=0.01),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             weighted_metrics=[],
         )
@@ -700,6 +739,14 @@ def parse_args(argv=None):
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--vocabulary-size", type=int, default=4000)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--lr-schedule", choices=("constant", "warmup-cosine"), default="constant",
+                        help="constant, or a linear warm-up to --learning-rate then a cosine decay to 0")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="--lr-schedule warmup-cosine: warm-up steps (default: a tenth of --steps)")
+    parser.add_argument("--stage-lengths", default=None,
+                        help="raptr, stacking (and the RaPTr schedule pld and stochastic-depth match): "
+                             "each stage's steps (200,200,200,400) or fractions (0.2,0.2,0.2,0.4); "
+                             "default: equal stages")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -719,6 +766,11 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.seq_len < 4:
         parser.error("--seq-len must be at least 4")
+    if args.warmup_steps is not None and not 0 <= args.warmup_steps < args.steps:
+        parser.error(
+            f"--warmup-steps must be at least 0 and less than --steps ({args.steps}), "
+            f"got {args.warmup_steps}"
+        )
     if args.distribute:
         import keras
 

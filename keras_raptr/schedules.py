@@ -91,17 +91,25 @@ def stage_list(stages):
     return stages
 
 
-def parse_spec(spec, total_steps):
-    """Parses the paper's notation into equal-length stages.
+def parse_spec(spec, total_steps, stage_lengths=None):
+    """Parses the paper's notation into stages.
 
     `"6-8-10-12"` with `total_steps=1000` gives four stages of 250 steps with
     expected path lengths 6, 8, 10 and 12. When `total_steps` does not divide
     evenly, the remainder goes to the last stage.
 
+    `stage_lengths` sets other lengths: one entry per stage, either integer
+    steps that add up to `total_steps`, or fractions of `total_steps` that
+    add up to 1 (each stage gets `floor(fraction * total_steps)` steps and
+    the last stage the rest). `(0.2, 0.2, 0.2, 0.4)` with 1000 steps gives
+    stages of 200, 200, 200 and 400 steps.
+
     Args:
         spec: str, path lengths separated by `-`, e.g. `"6-8-10-12"`.
         total_steps: int, the number of optimizer steps of the whole schedule.
             Must be at least the number of stages.
+        stage_lengths: optional sequence, one entry per stage: ints (steps)
+            or floats (fractions). `None` splits the steps equally.
 
     Returns:
         A list of `Stage`.
@@ -134,10 +142,57 @@ def parse_spec(spec, total_steps):
             f"`total_steps` must be an integer of at least {len(lengths)} (one "
             f"step per stage of {spec!r}), got total_steps={total_steps!r}."
         )
-    per_stage = int(total_steps) // len(lengths)
-    steps = [per_stage] * len(lengths)
-    steps[-1] += int(total_steps) - per_stage * len(lengths)
+    if stage_lengths is None:
+        per_stage = int(total_steps) // len(lengths)
+        steps = [per_stage] * len(lengths)
+        steps[-1] += int(total_steps) - per_stage * len(lengths)
+    else:
+        steps = _stage_steps(spec, len(lengths), int(total_steps), stage_lengths)
     return [Stage(pl, n) for pl, n in zip(lengths, steps)]
+
+
+def _stage_steps(spec, num_stages, total_steps, stage_lengths):
+    """Each stage's steps from `stage_lengths` (steps or fractions), checked."""
+    if isinstance(stage_lengths, (str, bytes)) or not hasattr(stage_lengths, "__len__"):
+        raise ValueError(
+            "`stage_lengths` must be a sequence with one length per stage, "
+            f"got stage_lengths={stage_lengths!r}."
+        )
+    values = list(stage_lengths)
+    if len(values) != num_stages:
+        raise ValueError(
+            f"`stage_lengths` has {len(values)} entries but {spec!r} has "
+            f"{num_stages} stages; give one length per stage."
+        )
+    if any(
+        isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0
+        for v in values
+    ):
+        raise ValueError(
+            "`stage_lengths` must be positive numbers (steps, or fractions of "
+            f"`total_steps`), got stage_lengths={values!r}."
+        )
+    if all(isinstance(v, numbers.Integral) for v in values):
+        if sum(values) != total_steps:
+            raise ValueError(
+                f"`stage_lengths` in steps must add up to total_steps={total_steps}, "
+                f"got {values!r} (sum {sum(values)}). Or give fractions that add up to 1."
+            )
+        return [int(v) for v in values]
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(
+            f"`stage_lengths` as fractions must add up to 1, got {values!r} "
+            f"(sum {sum(values):.6g}). Or give integer steps that add up to "
+            f"total_steps={total_steps}."
+        )
+    steps = [math.floor(v * total_steps) for v in values[:-1]]
+    steps.append(total_steps - sum(steps))
+    if min(steps) < 1:
+        raise ValueError(
+            f"`stage_lengths` {values!r} of total_steps={total_steps} leave a "
+            f"stage with no step ({steps!r}); give every stage at least one step."
+        )
+    return steps
 
 
 def stage_boundaries(stages):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import zipfile
 
 import pytest
 
@@ -142,6 +143,8 @@ def test_tfds_dataset_not_prepared(example, tmp_path, capsys):
         (["--schedule", "6-8-10-12"], "--schedule for the model's 4 blocks"),
         (["--schedule", "6-x"], "--schedule '6-x' for --method raptr"),
         (["--preset", "no_such_preset_name"], "--preset 'no_such_preset_name'"),
+        (["--stage-lengths", "1,1"], "`stage_lengths` has 2 entries but '2-2-3-4' has 4 stages"),
+        (["--stage-lengths", "a,b"], "--stage-lengths 'a,b'"),
     ],
 )
 def test_bad_inputs_exit_with_a_message(example, text_glob, tmp_path, capsys, extra, message):
@@ -164,11 +167,18 @@ def test_empty_or_missing_corpus(example, tmp_path, capsys):
     assert "the corpus is one text" in capsys.readouterr().err
 
 
-def test_unknown_method_is_a_usage_error(example, capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "dropout"], "unknown --method 'dropout'"),
+        (["--steps", "6", "--warmup-steps", "6"], "--warmup-steps must be at least 0 and less than --steps (6)"),
+    ],
+)
+def test_usage_errors(example, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
-        example.main(["--method", "dropout"])
+        example.main(argv)
     assert info.value.code == 2
-    assert "unknown --method 'dropout'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_start_from_a_local_preset(example, text_glob, tmp_path):
@@ -189,13 +199,23 @@ def test_start_from_a_local_preset(example, text_glob, tmp_path):
 def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, text_glob, tmp_path):
     out = str(tmp_path / "options")
     argv = ["--dataset", text_glob, "--output-dir", out, *TINY,
-            "--sampling", "subset", "--scaling", "inverse", "--fixed-blocks", "none"]
+            "--sampling", "subset", "--scaling", "inverse", "--fixed-blocks", "none",
+            "--stage-lengths", "2,1,1,2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "2"]
     assert example.main(argv) == 0
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     strategy = summary["strategy"]
     assert "fixed_blocks=()" in strategy
     assert "sampling='subset'" in strategy and "scaling='inverse'" in strategy
+    # 2-2-3-4 over 4 blocks in stages of 2, 1, 1 and 2 steps (equal stages
+    # of 6 steps would be 1, 1, 1 and 3: 19/24).
+    assert summary["compute_fraction"] == pytest.approx((2 * 2 + 2 + 3 + 2 * 4) / 24)
+    # The optimizer saved with the checkpoint warms up, then decays.
+    with zipfile.ZipFile(os.path.join(out, "checkpoint.keras")) as archive:
+        config = json.loads(archive.read("config.json"))
+    rate = config["compile_config"]["optimizer"]["config"]["learning_rate"]
+    assert rate["class_name"] == "CosineDecay"
+    assert rate["config"]["warmup_steps"] == 2 and rate["config"]["decay_steps"] == 4
     # Two evaluations and two checkpoints, inside the run's wall-clock.
     assert summary["eval_seconds"] > 0 and summary["checkpoint_seconds"] > 0
     assert summary["eval_seconds"] + summary["checkpoint_seconds"] < summary["wall_clock_seconds"]

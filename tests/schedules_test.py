@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from keras_raptr import schedules
@@ -8,6 +10,33 @@ def test_parse_spec_equal_stages_remainder_to_last():
     stages = schedules.parse_spec("6-8-10-12", total_steps=1003)
     assert [s.path_length for s in stages] == [6, 8, 10, 12]
     assert [s.steps for s in stages] == [250, 250, 250, 253]
+
+
+def test_parse_spec_stage_lengths_in_steps_or_fractions():
+    steps = lambda lengths, total: [
+        s.steps for s in schedules.parse_spec("6-8-10-12", total, stage_lengths=lengths)
+    ]
+    assert steps((100, 100, 100, 700), 1000) == [100, 100, 100, 700]
+    assert steps((0.2, 0.2, 0.2, 0.4), 1000) == [200, 200, 200, 400]
+    # floor for each stage, the rest to the last.
+    assert steps((0.25, 0.25, 0.25, 0.25), 1003) == [250, 250, 250, 253]
+    assert steps((1 / 3, 1 / 3, 1 / 6, 1 / 6), 10) == [3, 3, 1, 3]
+
+
+@pytest.mark.parametrize(
+    "lengths, message",
+    [
+        ((0.5, 0.5), "has 2 entries but '6-8-10-12' has 4 stages"),
+        ((100, 100, 100, 100), "must add up to total_steps=1000"),
+        ((0.2, 0.2, 0.2, 0.2), "must add up to 1"),
+        ((0.0, 0.2, 0.4, 0.4), "must be positive numbers"),
+        ((0.0001, 0.3999, 0.3, 0.3), "leave a stage with no step"),
+        ("0.25,0.25", "must be a sequence with one length per stage"),
+    ],
+)
+def test_parse_spec_bad_stage_lengths(lengths, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schedules.parse_spec("6-8-10-12", 1000, stage_lengths=lengths)
 
 
 def test_stage_index_at_boundaries():

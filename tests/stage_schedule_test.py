@@ -106,6 +106,17 @@ def test_compute_fraction():
         schedule.compute_fraction(8)
 
 
+def test_stage_lengths_move_the_boundaries_and_the_compute():
+    # A long full stage: 10%, 10%, 10%, then the full network for 70%.
+    schedule = keras_raptr.StageSchedule.from_spec(
+        "6-8-10-12", total_steps=100, stage_lengths=(0.1, 0.1, 0.1, 0.7)
+    )
+    assert [schedule.stage_at(t) for t in (9, 10, 19, 20, 29, 30, 99)] == [0, 1, 1, 2, 2, 3, 3]
+    assert schedule.compute_fraction(12) == pytest.approx((6 + 8 + 10 + 7 * 12) / 120)
+    stacking = keras_raptr.GradualStacking.from_spec("6-9-12", total_steps=10, stage_lengths=(2, 3, 5))
+    assert [stage.steps for stage in stacking.stages] == [2, 3, 5]
+
+
 def test_config_round_trip():
     schedule = keras_raptr.StageSchedule.from_spec(
         "2-4", total_steps=9, fixed_blocks=(0,), sampling="subset", scaling="inverse"

@@ -128,9 +128,14 @@ class GradualStacking(PathStrategy):
         self.stages = tuple(stages)
 
     @classmethod
-    def from_spec(cls, spec, total_steps):
-        """Stages in the paper's notation (`"6-9-12"`), of equal length."""
-        return cls(schedules.parse_spec(spec, total_steps))
+    def from_spec(cls, spec, total_steps, stage_lengths=None):
+        """Stages in the paper's notation (`"6-9-12"`), of equal length.
+
+        `stage_lengths` sets other lengths, as for `StageSchedule.from_spec`:
+        one entry per stage, integer steps that add up to `total_steps` or
+        fractions that add up to 1.
+        """
+        return cls(schedules.parse_spec(spec, total_steps, stage_lengths))
 
     @property
     def total_steps(self):

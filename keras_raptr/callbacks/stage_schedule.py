@@ -209,19 +209,26 @@ class StageSchedule(PathStrategy):
         self.scaling = scaling
 
     @classmethod
-    def from_spec(cls, spec, total_steps, **kwargs):
-        """A schedule in the paper's notation, with equal stage lengths.
+    def from_spec(cls, spec, total_steps, stage_lengths=None, **kwargs):
+        """A schedule in the paper's notation.
 
         `StageSchedule.from_spec("6-8-10-12", total_steps=N)` has four stages
         of `N // 4` steps with expected path lengths 6, 8, 10 and 12; the
-        remainder steps go to the last stage.
+        remainder steps go to the last stage (the paper's equal stages).
+        `stage_lengths` sets other lengths, as steps or as fractions of `N`:
+        `stage_lengths=(0.2, 0.2, 0.2, 0.4)` gives the full network the last
+        40% of the steps.
 
         Args:
             spec: str, path lengths joined by `-`.
             total_steps: int, optimizer steps of the whole schedule.
+            stage_lengths: optional, one entry per stage: integer steps that
+                add up to `total_steps`, or fractions that add up to 1 (each
+                stage `floor(fraction * total_steps)` steps, the last the
+                rest). `None`: equal stages.
             **kwargs: `fixed_blocks`, `sampling`, `scaling`.
         """
-        return cls(schedules.parse_spec(spec, total_steps), **kwargs)
+        return cls(schedules.parse_spec(spec, total_steps, stage_lengths), **kwargs)
 
     @property
     def total_steps(self):
