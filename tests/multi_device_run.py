@@ -16,6 +16,7 @@ line with what each run logged and the weights it ended with.
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -166,6 +167,14 @@ def example(directory):
     spec = importlib.util.spec_from_file_location("pretrain_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # A batch that does not split over the devices: a message, exit code 2.
+    message = io.StringIO()
+    with contextlib.redirect_stderr(message):
+        uneven = module.main([
+            "--dataset", os.path.join(directory, "*.txt"), "--output-dir",
+            os.path.join(directory, "uneven"), "--distribute", "--batch-size", "3",
+            "--verbose", "0",
+        ])
     out = os.path.join(directory, "run")
     code = module.main([
         "--dataset", os.path.join(directory, "*.txt"), "--output-dir", out, "--distribute",
@@ -174,7 +183,10 @@ def example(directory):
         "--vocabulary-size", "300", "--verbose", "0",
     ])
     with open(os.path.join(out, "summary.json")) as f:
-        return {"code": code, "summary": json.load(f)}
+        return {
+            "code": code, "summary": json.load(f),
+            "uneven_batch": {"code": uneven, "message": message.getvalue()},
+        }
 
 
 def main(directory, part):

@@ -114,6 +114,11 @@ def test_one_gradient_all_reduce_per_step_as_without_raptr(runs):
 
 def test_the_example_trains_on_every_device(runs, tmp_path):
     example = _child(tmp_path, "example")
+    # 3 sequences do not split over 2 or 4 devices: refused before training.
+    assert example["uneven_batch"]["code"] == 2
+    assert f"--batch-size 3 does not split over {runs['devices']} devices" in (
+        example["uneven_batch"]["message"]
+    )
     assert example["code"] == 0
     summary = example["summary"]
     assert summary["devices"] == runs["devices"]
