@@ -8,7 +8,6 @@ it starts. Every strategy, under each engine (JAX: `DataParallel`, and
 same losses step for step, the same stage logs, the same weights.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -124,19 +123,6 @@ def test_the_example_trains_on_every_device(runs, tmp_path):
     assert summary["devices"] == runs["devices"]
     assert summary["steps"] == 4
     assert np.isfinite(summary["final_eval_loss"])
-
-
-def test_the_example_refuses_to_distribute_on_torch(tmp_path):
-    if BACKEND != "torch":
-        pytest.skip("JAX and TensorFlow have multi-device engines")
-    path = os.path.join(HERE, "..", "examples", "pretrain.py")
-    spec = importlib.util.spec_from_file_location("pretrain_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    with pytest.raises(SystemExit) as raised:
-        example.main(["--distribute", "--output-dir", str(tmp_path / "run")])
-    assert raised.value.code == 2
-    assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_step_that_needs_the_fallback_under_tf_distribute_gets_a_clear_error():

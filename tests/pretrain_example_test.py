@@ -181,6 +181,19 @@ def test_usage_errors(example, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_distribute_is_refused_on_torch(example, tmp_path, capsys):
+    # On JAX and TensorFlow it trains: tests/multi_device_test.py.
+    import keras
+
+    if keras.backend.backend() != "torch":
+        pytest.skip("JAX and TensorFlow have multi-device engines")
+    with pytest.raises(SystemExit) as info:
+        example.main(["--distribute", "--output-dir", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "Keras has no multi-device `fit` on PyTorch" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_start_from_a_local_preset(example, text_glob, tmp_path):
     from hub_models import bert
 
