@@ -28,8 +28,10 @@ Usage:
 
 Writes `benchmarks/results/step_time_<backend>.json` per backend and
 `benchmarks/results/step_time.md` (a table of every backend in the results);
-with `--optimizer sgd`, the same names ending in `_sgd`, and with `--tag NAME`
-(for example the accelerator's name), ending in `_NAME`.
+with `--optimizer sgd`, the same names ending in `_sgd`, with
+`--off-path-update zero_grad` (the schedules update off-path blocks with a
+zero gradient: the cost of that option), ending in `_zero_grad`, and with
+`--tag NAME` (for example the accelerator's name), ending in `_NAME`.
 """
 
 import argparse
@@ -60,6 +62,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--optimizer", choices=("adam", "sgd"), default="adam",
         help="sgd (no momentum) leaves out the optimizer's per-weight cost",
+    )
+    parser.add_argument(
+        "--off-path-update", choices=("skip", "zero_grad"), default="skip",
+        help="the schedules' off_path_update: zero_grad adds the off-path "
+        "blocks' optimizer update (and on JAX and TensorFlow the copies of "
+        "every block)",
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps")
     parser.add_argument(
@@ -115,6 +123,7 @@ def build(args, num_blocks, random_part, path_length=None, fixed_blocks=()):
                 [keras_raptr.Stage(path_length, 10**9)],
                 fixed_blocks=fixed_blocks,
                 sampling="subset",
+                off_path_update=args.off_path_update,
             )
         )
     optimizer = (
@@ -201,6 +210,7 @@ def run_child(args):
             )
         },
         "optimizer": args.optimizer,
+        "off_path_update": args.off_path_update,
         "sampling": "subset",
         "rows": rows,
     }
@@ -221,6 +231,8 @@ def _fixed_text(fixed):
 
 def _suffix(args):
     suffix = "" if args.optimizer == "adam" else f"_{args.optimizer}"
+    if args.off_path_update != "skip":
+        suffix += f"_{args.off_path_update}"
     return suffix + (f"_{args.tag}" if args.tag else "")
 
 
@@ -246,14 +258,15 @@ def _device(backend):
 
 def table(results):
     lines = [
-        "| backend | device | optimizer | path | fixed blocks | path length | plain ms/step | RaPTr ms/step | ratio | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | device | optimizer | off-path update | path | fixed blocks | path length | plain ms/step | RaPTr ms/step | ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for row in result["rows"]:
             mark = "ok" if row["meets_target"] else "missed"
             lines.append(
                 f"| {result['backend']} | {result['device']} | {result['optimizer']} | "
+                f"{result.get('off_path_update', 'skip')} | "
                 f"{row.get('case', '')} | "
                 f"{_fixed_text(row.get('fixed_blocks', result.get('fixed_blocks', [0, -1])))} | "
                 f"{row['path_length']} of "

@@ -17,6 +17,24 @@ import numbers
 
 SAMPLING_MODES = ("bernoulli", "subset")
 SCALING_MODES = ("none", "inverse")
+# What the optimizer does to a block off the path at a step: "skip" leaves
+# its weights and optimizer state as they are (no update, no cost);
+# "zero_grad" updates it with a zero gradient, as an implementation that
+# masks the block's output would (moments decay, weight decay applies,
+# momentum keeps moving it), at the cost of its update.
+OFF_PATH_UPDATES = ("skip", "zero_grad")
+
+
+def check_off_path_update(off_path_update):
+    """Raises a `ValueError` unless `off_path_update` is one of `OFF_PATH_UPDATES`."""
+    if off_path_update not in OFF_PATH_UPDATES:
+        raise ValueError(
+            f"`off_path_update` must be one of {OFF_PATH_UPDATES}, got "
+            f"{off_path_update!r}: 'skip' leaves an off-path block's weights and "
+            "optimizer state as they are; 'zero_grad' updates them with a zero "
+            "gradient."
+        )
+    return off_path_update
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,6 +212,90 @@ def test_reading_the_model_mid_epoch_changes_nothing():
 
 
 # ----------------------------------------------------------------------
+# What the optimizer does to the blocks off the path (`off_path_update`).
+
+ENGINES = {
+    # A stage of the fixed blocks only: a path known when tracing.
+    "static": ({}, ("static",)),
+    # A drawn path of one length: the gathered step (JAX: on the stacked
+    # state), PyTorch's host path.
+    "drawn": ({}, ("gather", 3)),
+    # JAX without `jit_compile`: the gathered step on Keras' own state.
+    "unpacked": ({"jit_compile": False}, ("gather", 3)),
+    # One conditional per block.
+    "conditional": ({}, ("drawn",)),
+}
+
+
+def _adam_state(model):
+    """Per block, `(weights, momentums, velocities)` as numpy arrays."""
+    optimizer = model.optimizer
+
+    def slots(variables, which):
+        return [np.array(which[optimizer._get_variable_index(v)]) for v in variables]
+
+    return [
+        (
+            [np.array(v) for v in skip.block.trainable_variables],
+            slots(skip.block.trainable_variables, optimizer._momentums),
+            slots(skip.block.trainable_variables, optimizer._velocities),
+        )
+        for skip in model.blocks
+    ]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("off_path_update", ["skip", "zero_grad"])
+def test_off_path_blocks_get_what_the_option_says(engine, off_path_update, monkeypatch):
+    # One full step gives every block Adam moments; then one step on a path.
+    # "skip": an off-path block's weights and moments stay exactly as they
+    # were. "zero_grad": AdamW's update with a zero gradient: the moments
+    # decay by beta_1 and beta_2, the weights decay and move along the old
+    # momentum. On-path blocks move in both.
+    compile_kwargs, variant = ENGINES[engine]
+    if BACKEND == "torch" and engine != "static":
+        if engine != "drawn":
+            pytest.skip("PyTorch runs the host path only")
+        variant = ("host",)
+    if engine == "unpacked" and BACKEND != "jax":
+        pytest.skip("the stacked state is JAX's")
+    if engine == "conditional":
+        monkeypatch.setattr(gather, "unsupported_reason", lambda model: "forced")
+    lr, decay = 0.05, 0.1
+    optimizer = keras.optimizers.AdamW(lr, weight_decay=decay)
+    model = make_model(4, optimizer=optimizer, **compile_kwargs)
+    x, y = regression_data()
+    model.fit(x, y, batch_size=32, verbose=0)
+    before = _adam_state(model)
+    length, sampling = (2, "bernoulli") if engine == "static" else (3, "subset")
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(length, 10)], sampling=sampling, off_path_update=off_path_update
+    )
+    on = on_blocks(path.host_path(schedule.resolve(4), schedule.resolve(4).tables(), 7, 1))
+    model.fit(x, y, batch_size=32, callbacks=[schedule], verbose=0)
+    assert model._steps.variant[: len(variant)] == variant
+    after = _adam_state(model)
+    assert len(on) == length
+    t = 2.0  # Adam's step count at the second step
+    alpha = lr * np.sqrt(1 - optimizer.beta_2**t) / (1 - optimizer.beta_1**t)
+    for i, ((w0, m0, v0), (w1, m1, v1)) in enumerate(zip(before, after)):
+        if i in on:
+            assert all(not np.allclose(a, b) for a, b in zip(w0, w1)), i
+            continue
+        for a0, a1, mo0, mo1, ve0, ve1 in zip(w0, w1, m0, m1, v0, v1):
+            if off_path_update == "skip":
+                for old, new in ((a0, a1), (mo0, mo1), (ve0, ve1)):
+                    np.testing.assert_array_equal(old, new)
+                continue
+            m, v = optimizer.beta_1 * mo0, optimizer.beta_2 * ve0
+            expected = a0 * (1 - lr * decay) - alpha * m / (np.sqrt(v) + optimizer.epsilon)
+            np.testing.assert_allclose(mo1, m, rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(ve1, v, rtol=1e-5, atol=1e-12)
+            np.testing.assert_allclose(a1, expected, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(a0, a1)
+
+
+# ----------------------------------------------------------------------
 # The compiled step: conditionals, dot products and XLA's FLOPs against a
 # plain model of the path's length. Any machine can run these; a wall-clock
 # benchmark on a CPU would hide a GPU's fixed cost per conditional.

@@ -51,6 +51,7 @@ class _Plan(StagedPlan):
     fixed_blocks: tuple = ()
     sampling: str = "bernoulli"
     scaling: str = "none"
+    off_path_update: str = "skip"
 
     @property
     def key(self):
@@ -95,6 +96,10 @@ class GradualStacking(PathStrategy):
     Args:
         stages: list of `keras_raptr.Stage`, with integer depths that grow
             from stage to stage.
+        off_path_update: `"skip"` (the default: an block beyond the stacked prefix's weights
+            and optimizer state stay as they are) or `"zero_grad"` (it is
+            updated with a zero gradient, at the cost of its optimizer
+            update). See `keras_raptr.PathStrategy`.
 
     Example:
 
@@ -109,8 +114,8 @@ class GradualStacking(PathStrategy):
     ```
     """
 
-    def __init__(self, stages):
-        super().__init__()
+    def __init__(self, stages, off_path_update="skip"):
+        super().__init__(off_path_update)
         stages = schedules.stage_list(stages)
         for i, stage in enumerate(stages):
             if stage.path_length != int(stage.path_length) or stage.path_length < 1:
@@ -128,14 +133,17 @@ class GradualStacking(PathStrategy):
         self.stages = tuple(stages)
 
     @classmethod
-    def from_spec(cls, spec, total_steps, stage_lengths=None):
+    def from_spec(cls, spec, total_steps, stage_lengths=None, off_path_update="skip"):
         """Stages in the paper's notation (`"6-9-12"`), of equal length.
 
         `stage_lengths` sets other lengths, as for `StageSchedule.from_spec`:
         one entry per stage, integer steps that add up to `total_steps` or
         fractions that add up to 1.
         """
-        return cls(schedules.parse_spec(spec, total_steps, stage_lengths))
+        return cls(
+            schedules.parse_spec(spec, total_steps, stage_lengths),
+            off_path_update=off_path_update,
+        )
 
     @property
     def total_steps(self):
@@ -171,6 +179,7 @@ class GradualStacking(PathStrategy):
             tuple(int(stage.path_length) for stage in self.stages),
             tuple(int(end) for end in schedules.stage_boundaries(self.stages)),
             num_blocks,
+            off_path_update=self.off_path_update,
         )
 
     # ------------------------------------------------------------------
@@ -213,7 +222,10 @@ class GradualStacking(PathStrategy):
                     optimizer_variables[b].assign(ops.copy(optimizer_variables[a].value))
 
     def get_config(self):
-        return {"stages": [stage.get_config() for stage in self.stages]}
+        return {
+            "stages": [stage.get_config() for stage in self.stages],
+            "off_path_update": self.off_path_update,
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -221,7 +233,10 @@ class GradualStacking(PathStrategy):
 
     def __repr__(self):
         depths = "-".join(f"{s.path_length:g}" for s in self.stages)
-        return f"GradualStacking({depths}, total_steps={self.total_steps})"
+        return (
+            f"GradualStacking({depths}, total_steps={self.total_steps}, "
+            f"off_path_update={self.off_path_update!r})"
+        )
 
 
 def _copy_weights(origin, target):

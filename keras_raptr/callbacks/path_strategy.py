@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_raptr import schedules
 from keras_raptr.engine.xp import KERAS
 
 
@@ -24,12 +25,16 @@ class Plan:
 
     Subclasses set `num_blocks`, `fixed_blocks` (normalized, sorted indices),
     `sampling` (`"bernoulli"` or `"subset"`), `scaling` (`"none"` or
-    `"inverse"`) and `key` (hashable, equal for equal plans: a model reuses
-    its compiled train steps while the key stays the same), and implement
+    `"inverse"`), optionally `off_path_update` (`"skip"`, the default, or
+    `"zero_grad"`: see `PathStrategy`) and `key` (hashable, equal for equal
+    plans: a model reuses its compiled train steps while the key stays the
+    same), and implement
     `keep` (and `count` for `subset` sampling). `keep` and `count` are pure
     functions of the step, written against `xp` (see `PathStrategy` for an
     example).
     """
+
+    off_path_update = "skip"
 
     def tables(self):
         """Constant numpy arrays the step reads; at least `fixed` (a mask)."""
@@ -142,8 +147,9 @@ class PathStrategy(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self):
+    def __init__(self, off_path_update="skip"):
         super().__init__()
+        self.off_path_update = schedules.check_off_path_update(off_path_update)
         self._epoch_start_step = 0
         self._plan = None
 

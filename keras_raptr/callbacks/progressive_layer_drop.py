@@ -39,6 +39,7 @@ class _Plan(Plan):
     fixed_blocks: tuple = ()
     sampling: str = "bernoulli"
     scaling: str = "inverse"
+    off_path_update: str = "skip"
 
     @property
     def key(self):
@@ -74,6 +75,10 @@ class ProgressiveLayerDrop(PathStrategy):
     Args:
         theta_bar: float in [0, 1]. The keep probability `θ(t)` decays to.
         gamma: float >= 0. The decay rate of `θ(t)` per optimizer step.
+        off_path_update: `"skip"` (the default: an off-path block's weights
+            and optimizer state stay as they are) or `"zero_grad"` (it is
+            updated with a zero gradient, at the cost of its optimizer
+            update). See `keras_raptr.PathStrategy`.
 
     Example:
 
@@ -91,8 +96,8 @@ class ProgressiveLayerDrop(PathStrategy):
     ```
     """
 
-    def __init__(self, theta_bar=0.5, gamma=0.001):
-        super().__init__()
+    def __init__(self, theta_bar=0.5, gamma=0.001, off_path_update="skip"):
+        super().__init__(off_path_update)
         if isinstance(theta_bar, bool) or not isinstance(theta_bar, (int, float)) or not 0.0 <= theta_bar <= 1.0:
             raise ValueError(
                 f"`theta_bar` must be a number in [0, 1], got {theta_bar!r}."
@@ -103,7 +108,9 @@ class ProgressiveLayerDrop(PathStrategy):
         self.gamma = float(gamma)
 
     @classmethod
-    def from_compute_fraction(cls, fraction, num_blocks, total_steps, gamma=0.001):
+    def from_compute_fraction(
+        cls, fraction, num_blocks, total_steps, gamma=0.001, off_path_update="skip"
+    ):
         """The PLD whose expected block compute over `total_steps` is `fraction`.
 
         Solves for `theta_bar` at the given `gamma`.
@@ -114,6 +121,7 @@ class ProgressiveLayerDrop(PathStrategy):
                 fraction, gamma, num_blocks, total_steps
             ),
             gamma=gamma,
+            off_path_update=off_path_update,
         )
 
     def theta_at(self, step):
@@ -135,17 +143,26 @@ class ProgressiveLayerDrop(PathStrategy):
         )
 
     def resolve(self, num_blocks):
-        return _Plan(self.theta_bar, self.gamma, num_blocks)
+        return _Plan(
+            self.theta_bar, self.gamma, num_blocks, off_path_update=self.off_path_update
+        )
 
     def get_config(self):
-        return {"theta_bar": self.theta_bar, "gamma": self.gamma}
+        return {
+            "theta_bar": self.theta_bar,
+            "gamma": self.gamma,
+            "off_path_update": self.off_path_update,
+        }
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        return f"ProgressiveLayerDrop(theta_bar={self.theta_bar:g}, gamma={self.gamma:g})"
+        return (
+            f"ProgressiveLayerDrop(theta_bar={self.theta_bar:g}, gamma={self.gamma:g}, "
+            f"off_path_update={self.off_path_update!r})"
+        )
 
 
 def _check_fraction(fraction):

@@ -16,7 +16,11 @@ with 1.2x fewer FLOPs and better downstream scores.
 
 What it costs: nothing in parameters. Per step, only the path's blocks run,
 forward, backward and in the optimizer: an off-path block's weights and
-optimizer state are left as they are. `compute_fraction()` gives the expected
+optimizer state are left as they are (`off_path_update="skip"`). With
+`off_path_update="zero_grad"` the optimizer also updates the off-path blocks,
+with a zero gradient, as an implementation that masks the skipped blocks'
+outputs would: their moments decay and weight decay applies, at the cost of
+every block's optimizer update. `compute_fraction()` gives the expected
 block compute. On JAX, a free (non-fixed) block on the path recomputes its
 forward pass in the backward pass (see `layers/random_skip.py`).
 
@@ -63,6 +67,7 @@ class _Plan(StagedPlan):
     sampling: str
     scaling: str
     num_blocks: int
+    off_path_update: str = "skip"
 
     @property
     def key(self):
@@ -166,6 +171,10 @@ class StageSchedule(PathStrategy):
         scaling: `"none"`, or `"inverse"` to divide the residual update of a
             non-fixed block on the path by its keep probability during
             training, as dropout does. Evaluation never scales.
+        off_path_update: `"skip"` (the default: an off-path block's weights
+            and optimizer state stay as they are) or `"zero_grad"` (it is
+            updated with a zero gradient, at the cost of its optimizer
+            update). See `keras_raptr.PathStrategy`.
 
     Example:
 
@@ -184,9 +193,14 @@ class StageSchedule(PathStrategy):
     """
 
     def __init__(
-        self, stages, fixed_blocks=(0, -1), sampling="bernoulli", scaling="none"
+        self,
+        stages,
+        fixed_blocks=(0, -1),
+        sampling="bernoulli",
+        scaling="none",
+        off_path_update="skip",
     ):
-        super().__init__()
+        super().__init__(off_path_update)
         stages = schedules.stage_list(stages)
         if isinstance(fixed_blocks, int) or not hasattr(fixed_blocks, "__iter__"):
             raise ValueError(
@@ -226,7 +240,8 @@ class StageSchedule(PathStrategy):
                 add up to `total_steps`, or fractions that add up to 1 (each
                 stage `floor(fraction * total_steps)` steps, the last the
                 rest). `None`: equal stages.
-            **kwargs: `fixed_blocks`, `sampling`, `scaling`.
+            **kwargs: `fixed_blocks`, `sampling`, `scaling`,
+                `off_path_update`.
         """
         return cls(schedules.parse_spec(spec, total_steps, stage_lengths), **kwargs)
 
@@ -262,7 +277,14 @@ class StageSchedule(PathStrategy):
         """Checks the schedule against a model's block count."""
         fixed = schedules.normalize_fixed_blocks(self.fixed_blocks, num_blocks)
         schedules.check_stages(self.stages, num_blocks, len(fixed))
-        return _Plan(self.stages, fixed, self.sampling, self.scaling, num_blocks)
+        return _Plan(
+            self.stages,
+            fixed,
+            self.sampling,
+            self.scaling,
+            num_blocks,
+            self.off_path_update,
+        )
 
     def get_config(self):
         return {
@@ -270,6 +292,7 @@ class StageSchedule(PathStrategy):
             "fixed_blocks": list(self.fixed_blocks),
             "sampling": self.sampling,
             "scaling": self.scaling,
+            "off_path_update": self.off_path_update,
         }
 
     @classmethod
@@ -281,5 +304,5 @@ class StageSchedule(PathStrategy):
         return (
             f"StageSchedule({lengths}, total_steps={self.total_steps}, "
             f"fixed_blocks={self.fixed_blocks}, sampling={self.sampling!r}, "
-            f"scaling={self.scaling!r})"
+            f"scaling={self.scaling!r}, off_path_update={self.off_path_update!r})"
         )

@@ -40,6 +40,7 @@ class _Plan(Plan):
     fixed_blocks: tuple = ()
     sampling: str = "bernoulli"
     scaling: str = "inverse"
+    off_path_update: str = "skip"
 
     @property
     def key(self):
@@ -68,6 +69,10 @@ class StochasticDepth(PathStrategy):
         keep_prob: float in (0, 1]. The keep probability of every block
             (`"uniform"`) or of the last block (`"linear"`).
         distribution: `"uniform"` or `"linear"` (decreasing with depth).
+        off_path_update: `"skip"` (the default: an off-path block's weights
+            and optimizer state stay as they are) or `"zero_grad"` (it is
+            updated with a zero gradient, at the cost of its optimizer
+            update). See `keras_raptr.PathStrategy`.
 
     Example:
 
@@ -82,8 +87,8 @@ class StochasticDepth(PathStrategy):
     ```
     """
 
-    def __init__(self, keep_prob, distribution="uniform"):
-        super().__init__()
+    def __init__(self, keep_prob, distribution="uniform", off_path_update="skip"):
+        super().__init__(off_path_update)
         if isinstance(keep_prob, bool) or not isinstance(keep_prob, (int, float)) or not 0.0 < keep_prob <= 1.0:
             raise ValueError(
                 f"`keep_prob` must be a number in (0, 1], got {keep_prob!r}."
@@ -96,12 +101,15 @@ class StochasticDepth(PathStrategy):
         self.distribution = distribution
 
     @classmethod
-    def from_compute_fraction(cls, fraction, num_blocks, distribution="uniform"):
+    def from_compute_fraction(
+        cls, fraction, num_blocks, distribution="uniform", off_path_update="skip"
+    ):
         """The stochastic depth whose expected block compute is `fraction`."""
         _check_fraction(fraction)
         return cls(
             schedules.stochastic_depth_keep_prob_for(fraction, num_blocks, distribution),
             distribution=distribution,
+            off_path_update=off_path_update,
         )
 
     def keep_probabilities_at(self, step, num_blocks):
@@ -119,10 +127,18 @@ class StochasticDepth(PathStrategy):
         return self.path_length_at(0, num_blocks) / num_blocks
 
     def resolve(self, num_blocks):
-        return _Plan(tuple(self.keep_probabilities_at(0, num_blocks)), num_blocks)
+        return _Plan(
+            tuple(self.keep_probabilities_at(0, num_blocks)),
+            num_blocks,
+            off_path_update=self.off_path_update,
+        )
 
     def get_config(self):
-        return {"keep_prob": self.keep_prob, "distribution": self.distribution}
+        return {
+            "keep_prob": self.keep_prob,
+            "distribution": self.distribution,
+            "off_path_update": self.off_path_update,
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -131,5 +147,6 @@ class StochasticDepth(PathStrategy):
     def __repr__(self):
         return (
             f"StochasticDepth(keep_prob={self.keep_prob:g}, "
-            f"distribution={self.distribution!r})"
+            f"distribution={self.distribution!r}, "
+            f"off_path_update={self.off_path_update!r})"
         )

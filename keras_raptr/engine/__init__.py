@@ -17,6 +17,8 @@ Read in this order:
 - `stacked.py`: JAX only: between gathered steps, `fit` threads the blocks'
   state stacked (per dtype, one `(L, P)` array, a row per block), so that a
   step reads and writes only its path's rows.
-- `optimizer_gate.py`: the fallback for blocks of different structures: one
+- `optimizer_gate.py`: what the optimizer does to the off-path blocks: zero
+  gradients under `off_path_update="zero_grad"`; and (the default, "skip")
+  the fallback for blocks of different structures: one
   conditional per block in the forward, backward and optimizer update.
 """

@@ -17,6 +17,11 @@ path of `k` blocks is trained as a plain `k`-block network:
 4. Scatter: block `i` on the path takes the new values of its position; a
    block off the path keeps its old weights, state and slots exactly.
 
+With `off_path_update="zero_grad"` every block moves: positions `k .. L-1`
+take the off-path blocks (in depth order), Keras' optimizer updates them
+with a zero gradient (JAX gives one; on TensorFlow `optimizer_gate` fills
+it in), and every block takes its position's new values.
+
 The step's cost is that of `k` blocks plus the gather and scatter copies
 (memory traffic, no FLOPs). On JAX, `fit` keeps the blocks' state stacked
 between these steps (`stacked.py`), so the copies touch the path's `k`
@@ -158,11 +163,18 @@ def optimizer_slots(optimizer, variables):
     return found
 
 
-def path_positions(on, k):
-    """`idx` (the `k` on-path blocks, in depth order) and each block's position."""
+def path_positions(on, k, every_block=False):
+    """`idx` (the `k` on-path blocks, in depth order) and each block's position.
+
+    `every_block=True` (`off_path_update="zero_grad"`): `idx` is every block,
+    the path's `k` first, then the others in depth order, and `position` its
+    inverse (where each block sits).
+    """
     num_blocks = on.shape[0]
     index = ops.arange(num_blocks, dtype="int32")
     order = ops.argsort(ops.where(on, index, index + num_blocks))
+    if every_block:
+        return order, ops.argsort(order)
     idx = order[:k]
     position = ops.clip(ops.cumsum(ops.cast(on, "int32")) - 1, 0, k - 1)
     return idx, position
@@ -180,13 +192,16 @@ def gather(values, table, idx, k):
 
 
 def scatter(old, new, table, on, position, k):
-    """`{list index: value}`: on-path blocks from their position, others as before."""
+    """`{list index: value}`: on-path blocks from their position, others as before.
+
+    `on=None`: every block from its position (`k` is then every block).
+    """
     out = {}
     for j in range(len(table[0])):
         updated = ops.stack([new[table[t][j]] for t in range(k)])
         for i, row in enumerate(table):
             moved = ops.take(updated, position[i], axis=0)
-            out[row[j]] = ops.where(on[i], moved, old[row[j]])
+            out[row[j]] = moved if on is None else ops.where(on[i], moved, old[row[j]])
     return out
 
 
@@ -207,24 +222,30 @@ def gates(k, num_blocks, idx, scale):
     ]
 
 
-def jax_train_step(model, layout, k, on, scale, state, data, run_step):
-    """The gathered step on JAX: the Keras state in, the Keras state out."""
+def jax_train_step(model, layout, k, on, scale, state, data, run_step, every_block=False):
+    """The gathered step on JAX: the Keras state in, the Keras state out.
+
+    `every_block` (`off_path_update="zero_grad"`): every block moves, the
+    path's to positions `< k`; Keras' optimizer updates positions `>= k`
+    with their zero gradient, and every block takes its position's values.
+    """
     trainable, non_trainable, optimizer_variables, metrics_variables = state
-    idx, position = path_positions(on, k)
+    idx, position = path_positions(on, k, every_block)
+    moved, on = (len(model.blocks), None) if every_block else (k, on)
     tables = (
         (trainable, layout.trainable),
         (non_trainable, layout.non_trainable),
         (optimizer_variables, layout.slots),
     )
     compact = [
-        _replace(values, gather(values, table, idx, k)) if table[0] else list(values)
+        _replace(values, gather(values, table, idx, moved)) if table[0] else list(values)
         for values, table in tables
     ]
     with gated(model, gates(k, len(model.blocks), idx, scale)):
         logs, new_state = run_step((*compact, metrics_variables), data)
     new_trainable, new_non_trainable, new_optimizer, new_metrics = new_state
     result = [
-        _replace(new, scatter(old, new, table, on, position, k)) if table[0] else new
+        _replace(new, scatter(old, new, table, on, position, moved)) if table[0] else new
         for (old, table), new in zip(
             tables, (new_trainable, new_non_trainable, new_optimizer)
         )
@@ -232,9 +253,14 @@ def jax_train_step(model, layout, k, on, scale, state, data, run_step):
     return logs, (*result, new_metrics)
 
 
-def tf_train_step(model, layout, k, on, scale, data, run_step):
-    """The gathered step on TensorFlow: assign, run Keras' step, scatter."""
-    idx, position = path_positions(on, k)
+def tf_train_step(model, layout, k, on, scale, data, run_step, every_block=False):
+    """The gathered step on TensorFlow: assign, run Keras' step, scatter.
+
+    `every_block`: as for `jax_train_step`; the caller gives positions `>= k`
+    zero gradients (`optimizer_gate.zero_off_path_gradients`).
+    """
+    idx, position = path_positions(on, k, every_block)
+    moved, on = (len(model.blocks), None) if every_block else (k, on)
     lists = (
         (model.trainable_variables, layout.trainable),
         (model.non_trainable_variables, layout.non_trainable),
@@ -246,7 +272,9 @@ def tf_train_step(model, layout, k, on, scale, data, run_step):
         values = {n: _read(variables[n]) for row in table for n in row}
         old.append(values)
         if table[0]:
-            moves += [(variables[n], v) for n, v in gather(values, table, idx, k).items()]
+            moves += [
+                (variables[n], v) for n, v in gather(values, table, idx, moved).items()
+            ]
     _assign(moves)
     with gated(model, gates(k, len(model.blocks), idx, scale)), warnings.catch_warnings():
         # Positions `>= k` have no gradient, by design.
@@ -258,12 +286,12 @@ def tf_train_step(model, layout, k, on, scale, data, run_step):
             continue
         new = {
             row[j]: _read(variables[row[j]])
-            for row in table[:k]
+            for row in table[:moved]
             for j in range(len(row))
         }
         moves += [
             (variables[n], v)
-            for n, v in scatter(values, new, table, on, position, k).items()
+            for n, v in scatter(values, new, table, on, position, moved).items()
         ]
     _assign(moves)
     return logs

@@ -1,4 +1,9 @@
-"""Skips the optimizer update of the blocks off the path.
+"""What the optimizer does to the blocks off the path.
+
+`off_path_update="skip"` (the default): `skip_off_path_updates`, below.
+`off_path_update="zero_grad"`: `zero_off_path_gradients`, at the end.
+
+Skipping the optimizer update of the blocks off the path:
 
 A block off the path has no gradient. Left alone, JAX and TensorFlow would
 hand the optimizer zeros for it and pay for a full update of its weights and
@@ -145,3 +150,39 @@ def _jax_cond_update(on, update, candidates):
     new_values = jax.lax.cond(on, on_path, off_path, old_values)
     for v, value in zip(variables, new_values):
         v.assign(value)
+
+
+@contextlib.contextmanager
+def zero_off_path_gradients(optimizer, variables):
+    """Within the context, `optimizer` updates `variables` without a gradient
+    with a zero gradient (`off_path_update="zero_grad"`).
+
+    A block off the path has no gradient on TensorFlow and PyTorch (it is
+    not in the step), and a zero one on JAX. Keras' optimizer leaves out a
+    variable without a gradient; here each such variable of a block gets
+    zeros instead, so that every backend updates the off-path blocks as an
+    implementation that multiplies their output by zero would: Adam's
+    moments decay, weight decay applies, momentum moves the weights. Their
+    forward and backward passes still cost nothing; their update costs as
+    much as an on-path block's.
+
+    Args:
+        optimizer: the model's `keras.optimizers.Optimizer`.
+        variables: the blocks' trainable variables.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    blocks = {id(v) for v in variables}
+    original = optimizer._filter_empty_gradients
+
+    def filter_empty_gradients(grads, variables):
+        grads = [
+            ops.zeros(v.shape, v.dtype) if g is None and id(v) in blocks else g
+            for g, v in zip(grads, variables)
+        ]
+        return original(grads, variables)
+
+    object.__setattr__(optimizer, "_filter_empty_gradients", filter_empty_gradients)
+    try:
+        yield
+    finally:
+        object.__delattr__(optimizer, "_filter_empty_gradients")

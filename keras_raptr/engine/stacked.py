@@ -102,12 +102,14 @@ class Packing:
     # ------------------------------------------------------------------
     # Inside the step.
 
-    def read(self, packed, idx):
+    def read(self, packed, idx, sorted_indices=True):
         """Keras' lists for a gathered step (`gather.py`), from the packed state.
 
         Block position `t < k` holds block `idx[t]`'s values (`idx`: an int32
         tensor, the path's `k` blocks in depth order); the other positions
-        hold their own block's (unread: the step leaves them off).
+        hold their own block's (unread: the step leaves them off). With
+        `off_path_update="zero_grad"`, `idx` is a permutation of every block
+        (the path's first), not sorted.
         """
         import jax.numpy as jnp
 
@@ -125,14 +127,14 @@ class Packing:
                     idx,
                     axis=0,
                     mode="clip",
-                    indices_are_sorted=True,
+                    indices_are_sorted=sorted_indices,
                     unique_indices=True,
                 )
             return taken[id(stacked)][t]
 
         return self._lists(packed, row, range(self.num_blocks))
 
-    def write(self, packed, lists, idx):
+    def write(self, packed, lists, idx, sorted_indices=True):
         """The packed state after a gathered step that returned Keras' `lists`.
 
         Row `idx[t]` of each stacked array takes position `t`'s new values,
@@ -153,7 +155,7 @@ class Packing:
                 values.append(
                     stacked.at[idx].set(
                         fresh.astype(stacked.dtype),
-                        indices_are_sorted=True,
+                        indices_are_sorted=sorted_indices,
                         unique_indices=True,
                     )
                 )

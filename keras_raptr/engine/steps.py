@@ -19,6 +19,7 @@ Each variant is compiled once, on its first call, and reused by every stage
 and every `fit` while the plan stays the same.
 """
 
+import contextlib
 import time
 import warnings
 import weakref
@@ -31,6 +32,7 @@ from keras_raptr.engine import gather
 from keras_raptr.engine import path
 from keras_raptr.engine import stacked
 from keras_raptr.engine.optimizer_gate import skip_off_path_updates
+from keras_raptr.engine.optimizer_gate import zero_off_path_gradients
 from keras_raptr.engine.xp import KERAS
 from keras_raptr.engine.xp import NUMPY
 
@@ -226,14 +228,16 @@ class Steps:
         elif kind == "gather":
             k = self.tracing[1]
             on, scale = self.path_at(step, KERAS)
+            every = self._zero_grad()
             if backend == "jax":
                 result = gather.jax_train_step(
-                    model, self._layout, k, on, scale, args[0], args[1], base_step
+                    model, self._layout, k, on, scale, args[0], args[1], base_step, every
                 )
             else:
-                result = gather.tf_train_step(
-                    model, self._layout, k, on, scale, args[0], base_step
-                )
+                with self._zero_grad_context():
+                    result = gather.tf_train_step(
+                        model, self._layout, k, on, scale, args[0], base_step, every
+                    )
         else:
             on, scale = self.path_at(step, KERAS)
             gates = [
@@ -264,6 +268,11 @@ class Steps:
         fixed = self.plan.fixed_blocks
         gates = [None if i in fixed else gate for i, gate in enumerate(gates)]
         free = [gate[0] for gate in gates if gate is not None]
+        if self._zero_grad():
+            # Keras' own optimizer step over every block, the blocks off the
+            # path with a zero gradient.
+            with gather.gated(model, gates), self._zero_grad_context():
+                return base_step(*args, **kwargs)
         if keras.backend.backend() == "tensorflow" and all(isinstance(on, bool) for on in free):
             # A path known when tracing: TensorFlow gives the blocks off it no
             # gradient, and Keras' optimizer leaves out (weight decay
@@ -276,6 +285,18 @@ class Steps:
         with gather.gated(model, gates):
             with skip_off_path_updates(model.optimizer, self._free_block_variables(), free):
                 return base_step(*args, **kwargs)
+
+    def _zero_grad(self):
+        """Whether the plan updates off-path blocks with a zero gradient."""
+        return getattr(self.plan, "off_path_update", "skip") == "zero_grad"
+
+    def _zero_grad_context(self):
+        if not self._zero_grad():
+            return contextlib.nullcontext()
+        # Every block's: a gathered step moves a free block's values into a
+        # fixed block's position.
+        variables = [v for skip in self.model.blocks for v in skip.block.trainable_variables]
+        return zero_off_path_gradients(self.model.optimizer, variables)
 
     def _free_block_variables(self):
         """Per non-fixed block, its trainable variables (cached per plan)."""
@@ -292,14 +313,17 @@ class Steps:
         model = self.model
         counter = packing.rest[2].index(self._counter_index())
         on, scale = self.path_at(packed[2][counter], KERAS)
-        idx, _ = gather.path_positions(on, key[1])
+        # "zero_grad": every block's rows, the path's first (a permutation).
+        every = self._zero_grad()
+        idx, _ = gather.path_positions(on, key[1], every_block=every)
         self._gathered = (idx, scale)
         try:
-            lists = packing.read(packed, idx)
+            lists = packing.read(packed, idx, sorted_indices=not every)
             logs, state = type(model).train_step(model, (*lists, packed[3]), data)
         finally:
             self._gathered = None
-        return logs, (*packing.write(packed, state[:3], idx), state[3])
+        new = packing.write(packed, state[:3], idx, sorted_indices=not every)
+        return logs, (*new, state[3])
 
     def _counter_index(self):
         """The index of the optimizer's step counter in its variables."""
