@@ -1,9 +1,9 @@
 """Pretraining quality at equal compute: RaPTr against its peers.
 
 Trains the pretraining example's masked language model (`examples/pretrain.py`:
-a keras-hub BERT of 12 blocks, width 128, on the standard library's text)
-once per method and seed, on the backend of `KERAS_BACKEND`, and compares
-the held-out loss against steps, training FLOPs and wall-clock:
+a keras-hub BERT of 12 blocks, width 128, on its default corpus) once per
+config and seed, on the backend of `KERAS_BACKEND`, and compares the held-out
+loss at equal steps, equal training FLOPs and equal wall-clock. The configs:
 
 - `baseline`: every block, every step;
 - `raptr`: `6-8-10-12`, Bernoulli sampling, first and last block fixed
@@ -12,26 +12,42 @@ the held-out loss against steps, training FLOPs and wall-clock:
 - `stochastic-depth` and `pld`: matched to RaPTr's block compute;
 - `stacking`: gradual stacking `6-9-12`;
 - the ablations `raptr-inverse` (`scaling="inverse"`) and `raptr-unfixed`
-  (`fixed_blocks=()`), each against `raptr`.
+  (`fixed_blocks=()`);
+- the candidate explanations of RaPTr's gap at equal steps: `raptr-zero-grad`
+  (`off_path_update="zero_grad"`) and `raptr-long-last` (stages of a sixth,
+  a sixth, a sixth and a half of the steps: the full network trains the
+  last half);
+- `NAME+cosine`: each of the above but the subset and the ablations under a
+  linear warm-up (a tenth of the steps) and a cosine decay of the learning
+  rate, paired with `baseline+cosine`.
 
-For each method it reports the final held-out loss (mean and spread over
-seeds, and its paired difference from the baseline of the same seed), the
-compute used, the wall-clock, the loss the baseline had reached at the same
-wall-clock, the steps the baseline needed to reach the method's final loss,
-and, at each stage transition, how the training and held-out losses moved
-right after it (next to the baseline's move over the same steps).
+For each config it reports the final held-out loss (mean and spread over
+seeds) and its paired difference from the baseline with the same learning-
+rate schedule (same seed) at equal steps, at equal FLOPs (the baseline's
+loss when it had spent the config's FLOPs) and at equal wall-clock; a RaPTr
+variant's difference from `raptr` (or `raptr+cosine`); the compute used; the
+steps the baseline needed to reach the final loss; and, at each stage
+transition, how the training and held-out losses moved right after it (next
+to the baseline's move over the same steps).
 
-    KERAS_BACKEND=jax python benchmarks/quality.py --quick   # under 10 minutes
-    KERAS_BACKEND=jax python benchmarks/quality.py           # about 75 minutes here
+    KERAS_BACKEND=jax python benchmarks/quality.py --quick   # 120 steps, one seed
+    KERAS_BACKEND=jax python benchmarks/quality.py --methods baseline,raptr --seeds 0
+    bash benchmarks/gpu_quality.sh    # the whole grid on one GPU, runs in parallel
 
-Writes `benchmarks/results/quality_<backend>[_quick].json`, a Markdown table
-`quality[_quick].md`, and the plots `quality[_quick].png` (held-out loss
-against steps, FLOPs and wall-clock), `quality_ablations[_quick].png` and
-`quality_transitions[_quick].png`. Each run's own files (the example's
+The whole grid (19 configs, 3 seeds, 2160 steps) takes about a day on two
+CPU cores; `--parallel N` runs N at a time, each in a process of its own
+(a GPU, or many cores), and then leaves wall-clock out of the comparison.
+
+Writes `benchmarks/results/quality_<backend>[_quick][_TAG].json`, a Markdown
+table `quality[_quick][_TAG].md`, and the plots `quality[...].png` (held-out
+loss against steps, FLOPs and wall-clock, and the paired difference),
+`quality_ablations[...].png` (the RaPTr variants, constant and cosine) and
+`quality_transitions[...].png`. Each run's own files (the example's
 `summary.json`, `loss_curve.csv`, ...) go under `--runs-dir` (default
-`runs/quality`, or `runs/quality_quick`); a run already
-there with the same options is reused, so an interrupted benchmark resumes.
-Run it alone on the machine: wall-clock is one of the measures.
+`runs/quality`, or `runs/quality_quick`); a run already there with the same
+options is reused, so an interrupted benchmark resumes, and a table can be
+made again from runs made elsewhere. Run it alone on the machine when
+wall-clock is to be compared.
 """
 
 import argparse
@@ -60,12 +76,38 @@ ABLATIONS = {
     "raptr-inverse": {"method": "raptr", "scaling": "inverse"},
     "raptr-unfixed": {"method": "raptr", "fixed_blocks": "none"},
 }
-CONFIGS = {**METHODS, **ABLATIONS}
+# What the optimizer does to off-path blocks, and the stage lengths:
+# `stage_weights` (1, 1, 1, 3) gives the full network the last half of the
+# steps and each shorter stage a sixth.
+OPTIONS = {
+    "raptr-zero-grad": {"method": "raptr", "off_path_update": "zero_grad"},
+    "raptr-long-last": {"method": "raptr", "stage_weights": (1, 1, 1, 3)},
+}
+# The same under a warm-up and cosine decay of the learning rate, each
+# against the baseline with that schedule.
+COSINE = {
+    f"{name}+cosine": {**options, "lr_schedule": "warmup-cosine"}
+    for name, options in {**METHODS, **OPTIONS}.items()
+    if name != "raptr-subset"
+}
+CONFIGS = {**METHODS, **ABLATIONS, **OPTIONS, **COSINE}
+
+
+def baseline_of(name):
+    """The baseline a config is paired with: the one with its learning rate."""
+    return "baseline+cosine" if name.endswith("+cosine") else "baseline"
+
+
+def raptr_of(name):
+    """The RaPTr run a variant is paired with, or `None`."""
+    if name.split("+")[0].startswith("raptr-"):
+        return "raptr+cosine" if name.endswith("+cosine") else "raptr"
+    return None
 # Steps are a multiple of 12, so that RaPTr's four stages and stacking's
 # three end on an evaluation.
 MODES = {
     "quick": {"steps": 120, "eval_every": 10, "seeds": "0"},
-    "full": {"steps": 720, "eval_every": 60, "seeds": "0,1,2"},
+    "full": {"steps": 2160, "eval_every": 60, "seeds": "0,1,2"},
 }
 JUMP_WINDOW = 10  # training steps averaged on each side of a transition
 
@@ -113,23 +155,49 @@ def batch_losses():
     return BatchLoss()
 
 
+def _stage_steps(weights, steps):
+    """`--stage-lengths` in steps: `steps` split in proportion to `weights`."""
+    parts = [steps * w // sum(weights) for w in weights[:-1]]
+    return ",".join(str(p) for p in parts + [steps - sum(parts)])
+
+
+def run_dir(runs_dir, backend, name, seed):
+    return os.path.join(runs_dir, backend, name, f"seed{seed}")
+
+
+def run_argv(name, seed, options, directory):
+    """The example's options for one run."""
+    argv = ["--seed", str(seed), "--verbose", "0", "--output-dir", directory]
+    argv += ["--steps", str(options["steps"]), "--eval-every", str(options["eval_every"])]
+    for key, value in CONFIGS[name].items():
+        if key == "stage_weights":
+            key, value = "stage_lengths", _stage_steps(value, options["steps"])
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    argv += shlex.split(options["example_args"])
+    return argv
+
+
+def _finished(directory, argv):
+    """The run's result if it finished with the same options, else `None`."""
+    path = os.path.join(directory, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return result if result["argv"] == argv else None
+
+
 def run_one(example, name, seed, options, runs_dir):
     """One training run; its summary, curve, step losses and transitions."""
     import keras
 
-    directory = os.path.join(runs_dir, keras.backend.backend(), name, f"seed{seed}")
+    directory = run_dir(runs_dir, keras.backend.backend(), name, seed)
     result_path = os.path.join(directory, "result.json")
-    argv = ["--seed", str(seed), "--verbose", "0", "--output-dir", directory]
-    argv += ["--steps", str(options["steps"]), "--eval-every", str(options["eval_every"])]
-    for key, value in CONFIGS[name].items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    argv += shlex.split(options["example_args"])
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
-        if result["argv"] == argv:
-            print(f"{name} seed {seed}: reusing {result_path}")
-            return result
+    argv = run_argv(name, seed, options, directory)
+    result = _finished(directory, argv)
+    if result is not None:
+        print(f"{name} seed {seed}: reusing {result_path}")
+        return result
     if os.path.exists(directory):
         for entry in ("checkpoint.keras", "loss_curve.csv"):
             if os.path.exists(os.path.join(directory, entry)):
@@ -156,6 +224,64 @@ def run_one(example, name, seed, options, runs_dir):
     with open(result_path, "w") as f:
         json.dump(result, f)
     return result
+
+
+def run_all(args, options):
+    """Every (seed, method) run, `args.parallel` at a time.
+
+    One at a time, the runs share this process (the example's corpus is
+    loaded once per seed). In parallel, each run is a process of its own
+    (`--run-one`); JAX and TensorFlow are told not to take the whole GPU.
+    """
+    jobs = [(name, seed) for seed in args.seeds for name in args.methods]
+    if args.parallel == 1:
+        example = load_example()
+        results = []
+        # Seeds outermost: drift in the machine's speed hits every method alike.
+        for name, seed in jobs:
+            results.append(run_one(example, name, seed, options, args.runs_dir))
+            _report(results[-1])
+        return results
+    import concurrent.futures
+    import subprocess
+
+    backend = os.environ.get("KERAS_BACKEND", "jax")
+    env = dict(
+        os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_FORCE_GPU_ALLOW_GROWTH="true"
+    )
+
+    def launch(job):
+        name, seed = job
+        directory = run_dir(args.runs_dir, backend, name, seed)
+        result = _finished(directory, run_argv(name, seed, options, directory))
+        if result is not None:
+            print(f"{name} seed {seed}: reusing {directory}", flush=True)
+            return result
+        os.makedirs(directory, exist_ok=True)
+        command = [
+            sys.executable, os.path.abspath(__file__), "--run-one", f"{name}:{seed}",
+            "--steps", str(options["steps"]), "--eval-every", str(options["eval_every"]),
+            "--example-args", options["example_args"], "--runs-dir", args.runs_dir,
+        ]
+        with open(os.path.join(directory, "log.txt"), "w") as log:
+            code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        result = _finished(directory, run_argv(name, seed, options, directory))
+        if code or result is None:
+            print(f"{name} seed {seed}: failed (exit code {code}); see "
+                  f"{os.path.join(directory, 'log.txt')}", flush=True)
+            return None
+        _report(result)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(launch, jobs))
+    return [r for r in results if r is not None]
+
+
+def _report(result):
+    print(f"{result['name']} seed {result['seed']}: held-out loss "
+          f"{result['summary']['final_eval_loss']:.4f}, "
+          f"{result['summary']['wall_clock_seconds']:.0f}s", flush=True)
 
 
 # ----------------------------------------------------------------------
@@ -233,19 +359,22 @@ def _jumps(result, baseline, eval_every):
 
 
 def aggregate(results, eval_every):
-    baselines = {r["seed"]: r for r in results if r["name"] == "baseline"}
-    raptrs = {r["seed"]: r for r in results if r["name"] == "raptr"}
+    by_name = {}
+    for r in results:
+        by_name.setdefault(r["name"], {})[r["seed"]] = r
     table = {}
     for name in CONFIGS:
         runs = [r for r in results if r["name"] == name]
         if not runs:
             continue
+        baselines = by_name.get(baseline_of(name), {})
+        raptrs = by_name.get(raptr_of(name), {})
         finals, diffs, at_wall, to_reach, jumps, vs_raptr = [], [], [], [], [], []
-        speedups = []
+        speedups, at_flops, wall_diffs, flops_diffs = [], [], [], []
         for r in runs:
             s = r["summary"]
             finals.append(s["final_eval_loss"])
-            if name.startswith("raptr-") and r["seed"] in raptrs:
+            if r["seed"] in raptrs:
                 vs_raptr.append(
                     s["final_eval_loss"] - raptrs[r["seed"]]["summary"]["final_eval_loss"]
                 )
@@ -260,8 +389,16 @@ def aggregate(results, eval_every):
                 [row["eval_loss"] for row in curve],
                 s["wall_clock_seconds"],
             ))
+            at_flops.append(_interp(
+                [row["train_flops"] for row in curve],
+                [row["eval_loss"] for row in curve],
+                s["train_flops"],
+            ))
+            for values, diff in ((at_wall, wall_diffs), (at_flops, flops_diffs)):
+                if values[-1] is not None:
+                    diff.append(s["final_eval_loss"] - values[-1])
             to_reach.append(_steps_to_reach(curve, s["final_eval_loss"]))
-            jumps.append(_jumps(r, base if name != "baseline" else None, eval_every))
+            jumps.append(_jumps(r, base if name != baseline_of(name) else None, eval_every))
         summaries = [r["summary"] for r in runs]
         transitions = []
         for i, first in enumerate(jumps[0] if jumps else []):
@@ -284,6 +421,9 @@ def aggregate(results, eval_every):
             "wall_clock_seconds": _stats([s["wall_clock_seconds"] for s in summaries]),
             "speedup_vs_baseline": _stats(speedups),
             "baseline_loss_at_same_wall_clock": _stats(at_wall),
+            "diff_at_same_wall_clock": _stats(wall_diffs),
+            "baseline_loss_at_same_flops": _stats(at_flops),
+            "diff_at_same_flops": _stats(flops_diffs),
             "baseline_steps_to_reach_final_loss": _stats(to_reach),
             "baseline_reached_final_loss": sum(v is not None for v in to_reach),
             "transitions": transitions,
@@ -296,15 +436,6 @@ def aggregate(results, eval_every):
 # Output.
 
 
-def _at_wall(name, row):
-    stats = row["baseline_loss_at_same_wall_clock"]
-    if name == "baseline":
-        return "(itself)"
-    if stats["n"] == 0:
-        return "n/a (slower than the baseline's whole run)"
-    return _fmt(stats)
-
-
 def _fmt(stats, digits=3):
     if stats["mean"] is None:
         return "n/a"
@@ -314,20 +445,30 @@ def _fmt(stats, digits=3):
 
 
 def markdown(table, meta):
+    shared = meta.get("parallel", 1) > 1
     lines = [
-        f"Backend {meta['backend']}, {meta['steps']} steps, seeds "
-        f"{meta['seeds']}, held-out loss every {meta['eval_every']} steps. "
-        "Loss: mean ± standard deviation over seeds; Δ: paired difference "
-        "from the baseline of the same seed. Block compute: the strategy's "
-        "expected blocks run over the baseline's; FLOPs: the library's "
-        "estimate of the whole model's training FLOPs over the baseline's. "
-        "Wall-clock: seconds of `fit`, compiles, evaluations and checkpoints "
-        "included; speed-up: the baseline's over the method's, same seed.",
+        f"Backend {meta['backend']} ({meta.get('device', 'cpu')}), {meta['steps']} "
+        f"steps, seeds {meta['seeds']}, held-out loss every {meta['eval_every']} "
+        "steps. Loss: mean ± standard deviation over seeds. Δ: the method's "
+        "final held-out loss minus its baseline's (same seed, same learning-"
+        "rate schedule) at equal steps, at equal training FLOPs (the baseline's "
+        "loss when it had used the method's FLOPs, interpolated between "
+        "evaluations) and at equal wall-clock; negative is better. Block "
+        "compute: the strategy's expected blocks run over the baseline's; "
+        "FLOPs: the library's estimate of the whole model's training FLOPs "
+        "over the baseline's. Wall-clock: seconds of `fit`, compiles, "
+        "evaluations and checkpoints included; speed-up: the baseline's over "
+        "the method's, same seed."
+        + (
+            f" The runs shared the machine, {meta['parallel']} at a time, so "
+            "wall-clock is not compared."
+            if shared else ""
+        ),
         "",
-        "| method | final held-out loss | Δ vs baseline | block compute | "
-        "FLOPs | wall-clock s | speed-up | baseline loss at that wall-clock | "
+        "| method | final held-out loss | Δ equal steps | Δ equal FLOPs | "
+        "Δ equal wall-clock | block compute | FLOPs | wall-clock s | speed-up | "
         "baseline steps to reach the final loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ablations = []
     for name, row in table.items():
@@ -340,12 +481,17 @@ def markdown(table, meta):
             reach_text = f"{reach['mean']:.0f}"
             if reached < n:
                 reach_text += f" ({reached} of {n} seeds; the others never)"
+        itself = name == baseline_of(name)
+        wall = "n/a" if shared else (
+            "(itself)" if itself else _fmt(row["diff_at_same_wall_clock"])
+        )
         lines.append(
             f"| {name} | {_fmt(row['final_eval_loss'])} | "
-            f"{_fmt(row['diff_vs_baseline'])} | {row['compute_fraction']:.3f} | "
-            f"{row['flops_fraction']:.3f} | {row['wall_clock_seconds']['mean']:.0f} | "
-            f"{_fmt(row['speedup_vs_baseline'], 2)} | "
-            f"{_at_wall(name, row)} | {reach_text} |"
+            f"{_fmt(row['diff_vs_baseline'])} | "
+            f"{'(itself)' if itself else _fmt(row['diff_at_same_flops'])} | {wall} | "
+            f"{row['compute_fraction']:.3f} | {row['flops_fraction']:.3f} | "
+            f"{'n/a' if shared else format(row['wall_clock_seconds']['mean'], '.0f')} | "
+            f"{'n/a' if shared else _fmt(row['speedup_vs_baseline'], 2)} | {reach_text} |"
         )
         if row["diff_vs_raptr"]["n"]:
             options = ", ".join(
@@ -357,7 +503,8 @@ def markdown(table, meta):
     if ablations:
         lines += [
             "",
-            "Against `raptr` (same seed): final held-out loss of the variant minus RaPTr's.",
+            "Against `raptr` (same seed, same learning-rate schedule): final "
+            "held-out loss of the variant minus RaPTr's.",
             "",
             "| variant | options | Δ vs raptr |",
             "|---|---|---|",
@@ -397,8 +544,8 @@ def _mean_curve(axes, results, name, x_key):
 
 
 def _paired_band(axes, results, name):
-    """The held-out loss minus the baseline's of the same seed, by step."""
-    base = {r["seed"]: r for r in results if r["name"] == "baseline"}
+    """The held-out loss minus its baseline's of the same seed, by step."""
+    base = {r["seed"]: r for r in results if r["name"] == baseline_of(name)}
     runs = [r for r in results if r["name"] == name and r["seed"] in base]
     if not runs:
         return
@@ -438,12 +585,20 @@ def plots(results, stem, suffix):
     figure.savefig(f"{stem}{suffix}.png")
     plt.close(figure)
 
-    figure, ax = plt.subplots(figsize=(6, 4.5))
-    for name in ("raptr", "raptr-subset", *ABLATIONS):
-        _paired_band(ax, results, name)
-    ax.set_xlabel("steps")
-    ax.set_ylabel("held-out loss minus the baseline's, same seed")
-    ax.legend()
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    constant = ("raptr", "raptr-subset", *ABLATIONS, *OPTIONS)
+    cosine = [name for name in COSINE if name != "baseline+cosine"]
+    for ax, names, title in (
+        (axes[0], constant, "constant learning rate"),
+        (axes[1], cosine, "warm-up and cosine decay"),
+    ):
+        for name in names:
+            _paired_band(ax, results, name)
+        ax.set_title(title)
+        ax.set_xlabel("steps")
+        ax.set_ylabel("held-out loss minus the baseline's, same seed")
+        if ax.lines:
+            ax.legend()
     figure.tight_layout()
     figure.savefig(f"{stem}_ablations{suffix}.png")
     plt.close(figure)
@@ -468,6 +623,18 @@ def plots(results, stem, suffix):
     plt.close(figure)
 
 
+def _device():
+    """The accelerator the runs used (JAX's name for it), or "cpu"."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return "cpu" if device.platform == "cpu" else str(device.device_kind)
+    return "cpu"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -482,6 +649,12 @@ def parse_args(argv=None):
     parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--runs-dir", default=None,
                         help="default: runs/quality, or runs/quality_quick with --quick")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at a time, each in a process of its own (a machine "
+                        "with many cores or a GPU); wall-clock is then not compared")
+    parser.add_argument("--tag", default="",
+                        help="appended to the result file names, e.g. the accelerator's name")
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
     args.runs_dir = args.runs_dir or os.path.join(
@@ -499,10 +672,14 @@ def parse_args(argv=None):
         parser.error(f"unknown --methods {unknown}; choose from {', '.join(CONFIGS)}")
     if args.steps < 12 or args.steps % 12:
         parser.error(f"--steps {args.steps}: give a multiple of 12, so stages end on whole steps")
-    if any(b % args.eval_every for b in (args.steps // 4, args.steps // 3, args.steps)):
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: give at least 1")
+    stage = (args.steps // 6, args.steps // 4, args.steps // 3, args.steps)
+    if any(b % args.eval_every for b in stage):
         parser.error(
-            f"--eval-every {args.eval_every} must divide {args.steps // 4} and "
-            f"{args.steps // 3}, so that every stage transition is evaluated"
+            f"--eval-every {args.eval_every} must divide {args.steps // 6}, "
+            f"{args.steps // 4} and {args.steps // 3}, so that every stage "
+            "transition is evaluated"
         )
     return args
 
@@ -511,20 +688,16 @@ def main(argv=None):
     args = parse_args(argv)
     import keras
 
-    example = load_example()
     options = {"steps": args.steps, "eval_every": args.eval_every,
                "example_args": args.example_args}
+    if args.run_one:
+        name, seed = args.run_one.rsplit(":", 1)
+        run_one(load_example(), name, int(seed), options, args.runs_dir)
+        return 0
     start = time.perf_counter()
-    results = []
-    # Seeds outermost: drift in the machine's speed hits every method alike.
-    for seed in args.seeds:
-        for name in args.methods:
-            results.append(run_one(example, name, seed, options, args.runs_dir))
-            print(f"{name} seed {seed}: held-out loss "
-                  f"{results[-1]['summary']['final_eval_loss']:.4f}, "
-                  f"{results[-1]['summary']['wall_clock_seconds']:.0f}s", flush=True)
+    results = run_all(args, options)
     backend = keras.backend.backend()
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     table = aggregate(results, args.eval_every)
     meta = {
         "backend": backend,
@@ -532,6 +705,8 @@ def main(argv=None):
         "eval_every": args.eval_every,
         "seeds": args.seeds,
         "example_args": args.example_args,
+        "parallel": args.parallel,
+        "device": _device(),
         "benchmark_seconds": time.perf_counter() - start,
         "versions": {"keras": keras.__version__, "python": sys.version.split()[0]},
     }

@@ -36,11 +36,11 @@ def quality():
 
 @pytest.fixture(scope="module")
 def quality_run(quality, tmp_path_factory):
-    """baseline, raptr and stacking for 24 steps, two seeds."""
+    """baseline, raptr, a variant and stacking for 24 steps, two seeds."""
     root = tmp_path_factory.mktemp("quality")
     argv = [
         "--steps", "24", "--eval-every", "2", "--seeds", "0,1",
-        "--methods", "baseline,raptr,raptr-unfixed,stacking",
+        "--methods", "baseline,raptr,raptr-long-last,stacking",
         "--example-args", TINY,
         "--results-dir", str(root / "results"), "--runs-dir", str(root / "runs"),
     ]
@@ -66,7 +66,7 @@ def test_step_losses_average_to_each_logged_epoch_loss(quality_run):
 def test_table_pairs_each_method_with_the_baseline_of_its_seed(quality_run):
     _, _, data = quality_run
     table = data["methods"]
-    assert list(table) == ["baseline", "raptr", "stacking", "raptr-unfixed"]
+    assert list(table) == ["baseline", "raptr", "stacking", "raptr-long-last"]
     assert table["baseline"]["diff_vs_baseline"]["mean"] == 0.0
     runs = {(r["name"], r["seed"]): r["summary"]["final_eval_loss"] for r in data["runs"]}
     diffs = [runs["raptr", s] - runs["baseline", s] for s in (0, 1)]
@@ -75,9 +75,27 @@ def test_table_pairs_each_method_with_the_baseline_of_its_seed(quality_run):
     # 2-2-3-4 over 4 blocks, and stacking 2-3-4: both 11/16 and 9/12 of the blocks.
     assert table["raptr"]["compute_fraction"] == pytest.approx(11 / 16)
     assert table["stacking"]["compute_fraction"] == pytest.approx(9 / 12)
-    unfixed = [runs["raptr-unfixed", s] - runs["raptr", s] for s in (0, 1)]
-    assert table["raptr-unfixed"]["diff_vs_raptr"]["mean"] == pytest.approx(np.mean(unfixed))
+    long_last = [runs["raptr-long-last", s] - runs["raptr", s] for s in (0, 1)]
+    assert table["raptr-long-last"]["diff_vs_raptr"]["mean"] == pytest.approx(np.mean(long_last))
     assert table["raptr"]["diff_vs_raptr"]["n"] == 0
+    # (1, 1, 1, 3) of 24 steps: 2-2-3-4 in stages of 4, 4, 4 and 12 steps.
+    assert table["raptr-long-last"]["compute_fraction"] == pytest.approx(
+        (4 * (2 + 2 + 3) + 12 * 4) / (24 * 4)
+    )
+    # Equal FLOPs: the baseline's held-out loss at the method's FLOPs,
+    # interpolated between its evaluations.
+    raptr = next(r for r in data["runs"] if r["name"] == "raptr" and r["seed"] == 0)
+    base = next(r for r in data["runs"] if r["name"] == "baseline" and r["seed"] == 0)
+    flops = raptr["summary"]["train_flops"]
+    assert base["curve"][0]["train_flops"] < flops < base["curve"][-1]["train_flops"]
+    at = np.interp(
+        flops, [row["train_flops"] for row in base["curve"]],
+        [row["eval_loss"] for row in base["curve"]],
+    )
+    assert table["raptr"]["baseline_loss_at_same_flops"]["min"] <= at + 1e-12
+    assert table["raptr"]["baseline_loss_at_same_flops"]["max"] >= at - 1e-12
+    flops_diffs = table["raptr"]["diff_at_same_flops"]
+    assert flops_diffs["n"] == 2 and table["raptr"]["diff_vs_baseline"]["n"] == 2
 
 
 def test_transitions_are_measured_at_each_stage_boundary(quality_run):
@@ -85,6 +103,8 @@ def test_transitions_are_measured_at_each_stage_boundary(quality_run):
     table = data["methods"]
     assert [t["step"] for t in table["raptr"]["transitions"]] == [6, 12, 18]
     assert [t["step"] for t in table["stacking"]["transitions"]] == [8, 16]
+    long_last = [t["step"] for t in table["raptr-long-last"]["transitions"]]
+    assert long_last == [4, 8, 12]
     assert table["baseline"]["transitions"] == []
     run = next(r for r in data["runs"] if r["name"] == "raptr" and r["seed"] == 0)
     base = next(r for r in data["runs"] if r["name"] == "baseline" and r["seed"] == 0)
@@ -111,7 +131,7 @@ def test_outputs_and_reuse_of_finished_runs(quality, quality_run, capsys):
     argv, root, data = quality_run
     backend = keras.backend.backend()
     text = (root / "results" / "quality.md").read_text()
-    for name in ("baseline", "raptr", "stacking", "raptr-unfixed"):
+    for name in ("baseline", "raptr", "stacking", "raptr-long-last"):
         assert f"| {name} |" in text
     for stem in ("quality", "quality_ablations", "quality_transitions"):
         assert (root / "results" / f"{stem}.png").stat().st_size > 0
@@ -121,6 +141,32 @@ def test_outputs_and_reuse_of_finished_runs(quality, quality_run, capsys):
     with open(root / "results" / f"quality_{backend}.json") as f:
         again = json.load(f)
     assert again["methods"]["raptr"]["final_eval_loss"] == data["methods"]["raptr"]["final_eval_loss"]
+
+
+def test_a_config_under_the_cosine_schedule_pairs_with_the_runs_under_it(quality):
+    def run(name, seed, loss):
+        curve = [
+            {"step": step, "eval_loss": loss + 1.0 - step / 20, "train_flops": step,
+             "wall_clock_seconds": step}
+            for step in (10, 20)
+        ]
+        summary = {
+            "final_eval_loss": loss, "wall_clock_seconds": 20, "train_flops": 15,
+            "full_train_flops": 20, "compute_fraction": 0.75, "strategy": name,
+        }
+        return {"name": name, "seed": seed, "summary": summary, "curve": curve,
+                "step_losses": [], "boundaries": []}
+
+    results = [
+        run("baseline", 0, 1.0), run("baseline+cosine", 0, 2.0),
+        run("raptr+cosine", 0, 2.5), run("raptr-zero-grad+cosine", 0, 2.75),
+    ]
+    table = quality.aggregate(results, eval_every=10)
+    assert table["raptr+cosine"]["diff_vs_baseline"]["mean"] == pytest.approx(0.5)
+    assert table["raptr-zero-grad+cosine"]["diff_vs_raptr"]["mean"] == pytest.approx(0.25)
+    # The baseline+cosine curve at 15 FLOPs: 2.0 + 1.0 - 15 / 20.
+    assert table["raptr+cosine"]["diff_at_same_flops"]["mean"] == pytest.approx(0.25)
+    assert table["baseline+cosine"]["diff_vs_baseline"]["mean"] == 0.0
 
 
 def test_steps_to_reach_interpolates_between_evaluations(quality):
@@ -134,7 +180,8 @@ def test_steps_to_reach_interpolates_between_evaluations(quality):
     "argv, message",
     [
         (["--steps", "100"], "multiple of 12"),
-        (["--steps", "120", "--eval-every", "7"], "--eval-every 7 must divide 30 and 40"),
+        (["--steps", "120", "--eval-every", "7"], "--eval-every 7 must divide 20, 30 and 40"),
+        (["--parallel", "0"], "--parallel 0: give at least 1"),
         (["--methods", "raptr,dropout"], "unknown --methods ['dropout']"),
         (["--seeds", "a"], "--seeds 'a'"),
     ],
