@@ -13,8 +13,9 @@ width 128), trained to predict 15% of masked tokens, under RaPTr `6-8-10-12`
 (`--method raptr`, the default), or a peer: `baseline` (every block, every
 step), `pld`, `stochastic-depth` (both matched to RaPTr's compute), or
 `stacking` (`6-9-12`). For RaPTr, `--sampling`, `--scaling` and
-`--fixed-blocks` set the `StageSchedule` options; `--stage-lengths` sets the
-stages' lengths (equal by default). The learning rate is constant
+`--fixed-blocks` set the `StageSchedule` options; `--off-path-update` sets
+what the optimizer does to blocks off the path (every method);
+`--stage-lengths` sets the stages' lengths (equal by default). The learning rate is constant
 (`--learning-rate`), or with `--lr-schedule warmup-cosine` warms up linearly
 over `--warmup-steps` and then decays to 0 along a cosine. `--objective clm` trains a
 GPT-2-style causal LM on the same tokens instead.
@@ -300,13 +301,15 @@ def make_strategy(args, num_blocks):
         if args.method == "baseline":
             return None
         lengths = stage_lengths(getattr(args, "stage_lengths", None))
+        off_path_update = getattr(args, "off_path_update", "skip")
         if args.method == "raptr":
             return keras_raptr.StageSchedule.from_spec(
                 spec, total_steps=args.steps, stage_lengths=lengths, **raptr_options(args)
             )
         if args.method == "stacking":
             return keras_raptr.GradualStacking.from_spec(
-                spec, total_steps=args.steps, stage_lengths=lengths
+                spec, total_steps=args.steps, stage_lengths=lengths,
+                off_path_update=off_path_update,
             )
         if spec == "matched":
             # RaPTr's default schedule, with --stage-lengths if given.
@@ -322,9 +325,12 @@ def make_strategy(args, num_blocks):
             # steps; scaled to this run, theta(t) settles within its first
             # fifth, so that RaPTr's compute is reachable.
             return keras_raptr.ProgressiveLayerDrop.from_compute_fraction(
-                fraction, num_blocks, total_steps=args.steps, gamma=5.0 / args.steps
+                fraction, num_blocks, total_steps=args.steps, gamma=5.0 / args.steps,
+                off_path_update=off_path_update,
             )
-        return keras_raptr.StochasticDepth.from_compute_fraction(fraction, num_blocks)
+        return keras_raptr.StochasticDepth.from_compute_fraction(
+            fraction, num_blocks, off_path_update=off_path_update
+        )
     except ValueError as error:
         raise ExampleError(f"--schedule {spec!r} for --method {args.method}: {error}") from error
 
@@ -377,6 +383,7 @@ def raptr_options(args):
         "sampling": getattr(args, "sampling", "bernoulli"),
         "scaling": getattr(args, "scaling", "none"),
         "fixed_blocks": fixed_blocks,
+        "off_path_update": getattr(args, "off_path_update", "skip"),
     }
 
 
@@ -447,6 +454,8 @@ def recorder(curve, counter, clock, checkpoint, timers):
                     "eval_loss": float(logs.get("val_loss", float("nan"))),
                 }
             )
+            if checkpoint is None:  # --no-checkpoint
+                return
             start = time.perf_counter()
             self.model.save(checkpoint)
             timers["checkpoint_seconds"] += time.perf_counter() - start
@@ -596,7 +605,8 @@ def _train(args, output_dir, callbacks, devices):
     # A resumed run continues with the batches it had not seen.
     x = {k: v[done * args.batch_size:] for k, v in x.items()}
     y, w = y[done * args.batch_size:], w[done * args.batch_size:]
-    callbacks = [counter, recorder(curve, counter, clock, checkpoint, timers), *callbacks]
+    saving = checkpoint if getattr(args, "checkpoint", True) else None
+    callbacks = [counter, recorder(curve, counter, clock, saving, timers), *callbacks]
     if strategy is not None:
         callbacks.insert(0, strategy)
     if args.stop_after is not None:
@@ -727,6 +737,10 @@ def parse_args(argv=None):
                         help="RaPTr's output scaling of kept blocks (--method raptr)")
     parser.add_argument("--fixed-blocks", default="0,-1",
                         help="blocks always on RaPTr's path: indices like 0,-1, or none")
+    parser.add_argument("--off-path-update", choices=("skip", "zero_grad"), default="skip",
+                        help="what the optimizer does to blocks off the path (every method "
+                             "but the baseline): skip leaves them as they are, zero_grad "
+                             "updates them with a zero gradient")
     parser.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
     parser.add_argument("--preset", default=None, help="a keras-hub preset name or local preset directory to start from")
     parser.add_argument("--dataset", default="stdlib", help="stdlib, tfds:NAME[:SPLIT], or a glob of text files")
@@ -752,6 +766,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="default: runs/<timestamp>")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                        help="save checkpoint.keras at each evaluation, for --resume")
     parser.add_argument("--compare", action="store_true", help="run the baseline and --method back to back, one figure")
     parser.add_argument("--distribute", action="store_true",
                         help="train data-parallel over every visible device (JAX: keras.distribution."

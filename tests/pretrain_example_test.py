@@ -89,12 +89,18 @@ def test_resume_continues_an_interrupted_run(example, text_glob, tmp_path):
 @pytest.mark.parametrize("method", ["pld", "stochastic-depth"])
 def test_peer_methods_run(example, text_glob, tmp_path, method):
     out = str(tmp_path / method)
-    assert example.main(["--dataset", text_glob, "--output-dir", out, "--method", method, *TINY]) == 0
+    argv = ["--dataset", text_glob, "--output-dir", out, "--method", method, *TINY,
+            "--off-path-update", "zero_grad", "--no-checkpoint"]
+    assert example.main(argv) == 0
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["method"] == method
     # Matched to RaPTr's default schedule's compute.
     assert summary["compute_fraction"] == pytest.approx(19 / 24, abs=1e-6)
+    assert "off_path_update='zero_grad'" in summary["strategy"]
+    # --no-checkpoint: nothing saved, no time spent saving.
+    assert not os.path.exists(os.path.join(out, "checkpoint.keras"))
+    assert summary["checkpoint_seconds"] == 0
 
 
 def test_compare_runs_the_baseline_and_the_method(example, text_glob, tmp_path):
