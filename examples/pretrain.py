@@ -7,7 +7,8 @@
 The default corpus is real English text that every Python install carries:
 the language reference of `pydoc_data.topics` and the docstrings of the
 standard library modules. A WordPiece vocabulary is computed from its
-training part; a held-out part is kept for evaluation. The model is a
+training part; a held-out part is kept for evaluation. Each window of
+tokens is read once before any is read twice. The model is a
 keras-hub `BertBackbone` and `BertMaskedLM` built from config (12 blocks,
 width 128), trained to predict 15% of masked tokens, under RaPTr `6-8-10-12`
 (`--method raptr`, the default), or a peer: `baseline` (every block, every
@@ -29,8 +30,10 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
   compiled_train_steps (each train step compiled, with the seconds of its
   first call) and compile_seconds (their sum), devices,
   compute_fraction, train_flops, full_train_flops, the FLOPs of one full
-  step split into blocks and the rest, head_positions_per_sequence, and the
-  run's options;
+  step split into blocks and the rest, head_positions_per_sequence,
+  corpus_windows (the training windows), corpus_passes (the run's
+  sequences over corpus_windows) and max_reads_per_window (the most times
+  one window is read), and the run's options;
 - `loss_curve.csv`: step, train_flops, wall_clock_seconds, loss, eval_loss;
 - `loss.png`: held-out loss against training FLOPs and against wall-clock;
 - `model/`: the trained model as a keras-hub preset (loads without
@@ -188,6 +191,16 @@ def windows(tokenizer, texts, length):
             f"{length}; use a smaller --seq-len or more text."
         )
     return ids[: count * length].reshape(count, length)
+
+
+def read_order(rng, num_windows, count):
+    """`count` window indices: whole permutations of the windows, one after another.
+
+    Every window is read once before any is read again; the order is a
+    function of `rng`'s state alone, so a resumed run draws it again.
+    """
+    passes = -(-count // num_windows)
+    return np.concatenate([rng.permutation(num_windows) for _ in range(passes)])[:count]
 
 
 MASK_RATE = 0.15
@@ -573,7 +586,9 @@ def _train(args, output_dir, callbacks, devices):
             f"--schedule for the model's {num_blocks} blocks: {error}"
         ) from error
     length = body + 2 if args.objective == "mlm" else body - 1
-    sample_rows = train[rng.integers(0, len(train), args.steps * args.batch_size)]
+    # Each window is read once before any is read twice.
+    rows = args.steps * args.batch_size
+    sample_rows = train[read_order(rng, len(train), rows)]
     if args.objective == "mlm":
         x, y, w = mlm_batch(sample_rows, rng, vocabulary_size)
         vx, vy, vw = mlm_batch(held, np.random.default_rng(args.seed + 1), vocabulary_size)
@@ -635,6 +650,10 @@ def _train(args, output_dir, callbacks, devices):
         ),
         "num_blocks": num_blocks,
         "devices": devices,
+        # The training windows, and how often the run's batches read them.
+        "corpus_windows": len(train),
+        "corpus_passes": rows / len(train),
+        "max_reads_per_window": -(-rows // len(train)),
         # The train steps this invocation compiled (one per kind of path),
         # and the seconds their first calls took (tracing and compiling).
         "compiled_train_steps": dict(getattr(model, "compiled_train_steps", {})),

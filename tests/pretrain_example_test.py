@@ -7,6 +7,7 @@ import math
 import os
 import zipfile
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -236,6 +237,21 @@ def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, t
     assert per_step * summary["steps"] == pytest.approx(summary["full_train_flops"])
     # 15% of the 14 body tokens of a 16-token sequence: the head runs at 2.
     assert summary["head_positions_per_sequence"] == 2
+    # 6 steps of 4 windows, fewer than the corpus has: none read twice.
+    assert summary["corpus_windows"] > 24
+    assert summary["corpus_passes"] == pytest.approx(24 / summary["corpus_windows"])
+    assert summary["max_reads_per_window"] == 1
+
+
+def test_windows_are_read_without_replacement(example):
+    order = example.read_order(np.random.default_rng(0), 10, 7)
+    assert len(set(order.tolist())) == 7
+    # Past one pass, whole passes one after another.
+    order = example.read_order(np.random.default_rng(0), 4, 10)
+    assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3]
+    assert np.bincount(order).max() == 3
+    # A function of the seed: a resumed run reads the same order.
+    assert (order == example.read_order(np.random.default_rng(0), 4, 10)).all()
 
 
 def test_bad_fixed_blocks_exit_with_a_message(example, text_glob, tmp_path, capsys):
