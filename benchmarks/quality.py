@@ -1,7 +1,7 @@
 """Pretraining quality at equal compute: RaPTr against its peers.
 
 Trains the pretraining example's masked language model (`examples/pretrain.py`:
-a keras-hub BERT of 12 blocks, width 128, on the standard library's text)
+a keras-hub BERT of 12 blocks, width 128, on the example's default corpus)
 once per method and seed, on the backend of `KERAS_BACKEND`, and compares
 the held-out loss against steps, training FLOPs and wall-clock:
 
