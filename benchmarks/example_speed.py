@@ -1,7 +1,7 @@
 """Wall-clock of the whole pretraining example: RaPTr against the baseline.
 
-Runs `examples/pretrain.py` (BERT, 12 blocks, width 128, the standard
-library's text) with `--method baseline` and `--method raptr` (`6-8-10-12`)
+Runs `examples/pretrain.py` (BERT, 12 blocks, width 128, its default
+corpus) with `--method baseline` and `--method raptr` (`6-8-10-12`)
 at equal steps, on each backend in its own process, and sets the realised
 speed-up next to the ideal one from the FLOPs accounting
 (`keras_raptr.estimate_train_flops`: blocks plus embeddings and head):

