@@ -433,6 +433,30 @@ def test_keras_hub_task_blocks_found_through_its_backbone():
     assert keras_raptr.__version__
 
 
+def test_a_task_without_preprocessor_takes_arrays_as_keras_does(monkeypatch):
+    # No tf.data or grain pipeline: Keras batches the arrays itself, so the
+    # task trains where neither TensorFlow nor grain is installed.
+    import keras_hub
+    from keras_hub.src.utils import pipeline_model
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("built a keras-hub dataset")
+
+    monkeypatch.setattr(pipeline_model, "_build_dataset", no_pipeline)
+    task = keras_hub.models.BertTextClassifier(bert_backbone(2), num_classes=2, preprocessor=None)
+    model = keras_raptr.RandomPartModel(task, seed=0)
+    x = {
+        "token_ids": np.ones((4, 8), "int32"),
+        "segment_ids": np.zeros((4, 8), "int32"),
+        "padding_mask": np.ones((4, 8), "int32"),
+    }
+    y = np.array([0, 1, 0, 1])
+    history = model.fit(x, y, batch_size=2, validation_data=(x, y), verbose=0)
+    assert len(history.history["val_loss"]) == 1
+    assert model.evaluate(x, y, batch_size=2, verbose=0) is not None
+    assert model.predict(x, batch_size=2, verbose=0).shape == (4, 2)
+
+
 def test_mixed_precision_with_dropout_and_inverse_scaling():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:

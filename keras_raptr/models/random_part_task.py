@@ -5,7 +5,10 @@ a keras-hub (or keras-nlp) task: a `RandomPartModel` that also behaves like
 the task, so that wrapping it changes how it trains and nothing else.
 
 - `fit`, `evaluate` and `predict` run the task's preprocessor on raw inputs
-  (strings, for a text task), as `task.fit` would.
+  (strings, for a text task), as `task.fit` would. A task without a
+  preprocessor (`task.preprocessor = None`) takes arrays as a plain Keras
+  model does: Keras batches them itself, with no `tf.data` or `grain`
+  pipeline, so that it trains without TensorFlow installed.
 - `compile()` with no arguments uses the task's defaults (optimizer, loss,
   weighted metrics; for a causal LM also its sampler). The model is compiled
   with them on construction, like a keras-hub task.
@@ -88,6 +91,12 @@ class RandomPartTask(RandomPartModel):
         **kwargs,
     ):
         """`keras.Model.fit`, on inputs preprocessed by the task."""
+        if self._plain(x):
+            return super().fit(
+                x=x, y=y, batch_size=batch_size, sample_weight=sample_weight,
+                validation_data=validation_data, validation_split=validation_split,
+                **kwargs,
+            )
         if validation_split and validation_data is None:
             (x, y, sample_weight), validation_data = (
                 pipeline_model._train_validation_split(
@@ -104,7 +113,7 @@ class RandomPartTask(RandomPartModel):
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.evaluate`, on inputs preprocessed by the task."""
-        if not kwargs.get("_use_cached_eval_dataset", False):
+        if not kwargs.get("_use_cached_eval_dataset", False) and not self._plain(x):
             x = self._preprocessed(x, y, sample_weight, batch_size)
             y = sample_weight = batch_size = None
         return super().evaluate(
@@ -113,8 +122,16 @@ class RandomPartTask(RandomPartModel):
 
     def predict(self, x=None, batch_size=None, **kwargs):
         """`keras.Model.predict`, on inputs preprocessed by the task."""
+        if self._plain(x):
+            return super().predict(x=x, batch_size=batch_size, **kwargs)
         x = self._preprocessed(x, None, None, batch_size)
         return super().predict(x=x, **kwargs)
+
+    def _plain(self, x):
+        """Whether `x` goes to Keras as it is: no preprocessor, not a dataset."""
+        return self.preprocessor is None and not (
+            pipeline_model._is_tf_dataset(x) or pipeline_model._is_grain_dataset(x)
+        )
 
     def _preprocessed(self, x, y=None, sample_weight=None, batch_size=None):
         if pipeline_model._is_tf_dataset(x) or pipeline_model._is_grain_dataset(x):
