@@ -445,7 +445,7 @@ def _fmt(stats, digits=3):
 
 
 def markdown(table, meta):
-    shared = meta.get("parallel", 1) > 1
+    shared = not meta.get("wall_clock", meta.get("parallel", 1) == 1)
     lines = [
         f"Backend {meta['backend']} ({meta.get('device', 'cpu')}), {meta['steps']} "
         f"steps, seeds {meta['seeds']}, held-out loss every {meta['eval_every']} "
@@ -460,7 +460,7 @@ def markdown(table, meta):
         "evaluations and checkpoints included; speed-up: the baseline's over "
         "the method's, same seed."
         + (
-            f" The runs shared the machine, {meta['parallel']} at a time, so "
+            " The runs shared the machine (or ran on different machines), so "
             "wall-clock is not compared."
             if shared else ""
         ),
@@ -652,6 +652,9 @@ def parse_args(argv=None):
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs at a time, each in a process of its own (a machine "
                         "with many cores or a GPU); wall-clock is then not compared")
+    parser.add_argument("--no-wall-clock", dest="wall_clock", action="store_false",
+                        help="leave wall-clock out of the comparison: the runs shared "
+                        "the machine with other work, or ran on different machines")
     parser.add_argument("--tag", default="",
                         help="appended to the result file names, e.g. the accelerator's name")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
@@ -706,6 +709,7 @@ def main(argv=None):
         "seeds": args.seeds,
         "example_args": args.example_args,
         "parallel": args.parallel,
+        "wall_clock": args.wall_clock and args.parallel == 1,
         "device": _device(),
         "benchmark_seconds": time.perf_counter() - start,
         "versions": {"keras": keras.__version__, "python": sys.version.split()[0]},

@@ -141,6 +141,13 @@ def test_outputs_and_reuse_of_finished_runs(quality, quality_run, capsys):
     with open(root / "results" / f"quality_{backend}.json") as f:
         again = json.load(f)
     assert again["methods"]["raptr"]["final_eval_loss"] == data["methods"]["raptr"]["final_eval_loss"]
+    # Runs that shared the machine: the table leaves wall-clock out.
+    assert "wall-clock is not compared" not in text
+    assert quality.main(argv + ["--no-wall-clock"]) == 0
+    text = (root / "results" / "quality.md").read_text()
+    assert "wall-clock is not compared" in text
+    # Each row: the wall-clock seconds and the speed-up.
+    assert text.count("| n/a | n/a |") == 4
 
 
 def test_a_config_under_the_cosine_schedule_pairs_with_the_runs_under_it(quality):

@@ -43,6 +43,19 @@ final loss. At equal wall-clock RaPTr was ahead (1.32x faster; the baseline's
 loss at RaPTr's finishing time was 0.026 higher). These are short runs on a
 small corpus, far from the paper's scale.
 
+At 3x the steps on a corpus that is not repeated (2160 steps, the State of
+the Union addresses, one seed, BENCHMARKS.md), the gap at equal steps halved
+(+0.023), and RaPTr was 0.040 ahead at equal FLOPs. It was not closed by the
+candidate explanations:
+
+- `off_path_update="zero_grad"`, the optimizer's view of a mask-based
+  implementation, scored -0.005 against `"skip"`, within one seed's noise;
+- a warm-up and cosine decay of the learning rate left RaPTr +0.015 behind a
+  baseline with the same schedule.
+
+So `off_path_update` stays `"skip"`, the option that costs nothing for the
+blocks off the path, and `from_spec` keeps equal stages.
+
 Paper: Panigrahi, Saunshi, Lyu, Miryoosefi, Reddi, Kale, Kumar, "Efficient
 Stagewise Pretraining via Progressive Subnetworks", ICLR 2025,
 arXiv 2402.05913.
