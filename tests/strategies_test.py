@@ -95,10 +95,15 @@ def test_config_round_trips():
     for strategy in (
         keras_raptr.ProgressiveLayerDrop(theta_bar=0.3, gamma=0.01),
         keras_raptr.StochasticDepth(0.8, distribution="linear"),
+        keras_raptr.StochasticDepth(0.8, off_path_update="zero_grad"),
+        keras_raptr.GradualStacking.from_spec("2-4", 10, off_path_update="zero_grad"),
+        keras_raptr.StageSchedule.from_spec("2-4", 10, off_path_update="zero_grad"),
     ):
         clone = type(strategy).from_config(strategy.get_config())
         assert clone.get_config() == strategy.get_config()
         assert repr(clone) == repr(strategy)
+        # The option reaches the plan, and with it the compiled steps' key.
+        assert clone.resolve(4).off_path_update == strategy.off_path_update
 
 
 @pytest.mark.parametrize(
@@ -111,6 +116,9 @@ def test_config_round_trips():
         (lambda: keras_raptr.StochasticDepth.from_compute_fraction(0.2, 12, "linear"), "cannot reach a compute fraction of 0.2 on 12 blocks"),
         (lambda: keras_raptr.ProgressiveLayerDrop.from_compute_fraction(0.5, 12, total_steps=100), "cannot reach a compute fraction of 0.5 on 12 blocks over 100 steps"),
         (lambda: keras_raptr.StochasticDepth.from_compute_fraction(1.5, 12), "`fraction` must be a number in \\(0, 1\\], got 1.5"),
+        (lambda: keras_raptr.StageSchedule.from_spec("2-4", 10, off_path_update="zero"), "`off_path_update` must be one of \\('skip', 'zero_grad'\\), got 'zero'"),
+        (lambda: keras_raptr.ProgressiveLayerDrop(off_path_update=None), "`off_path_update` must be one of .*, got None"),
+        (lambda: keras_raptr.GradualStacking.from_spec("2-4", 10, off_path_update="mask"), "got 'mask'"),
     ],
 )
 def test_bad_parameters(make, match):
