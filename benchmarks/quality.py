@@ -34,7 +34,7 @@ to the baseline's move over the same steps).
     KERAS_BACKEND=jax python benchmarks/quality.py --methods baseline,raptr --seeds 0
     bash benchmarks/gpu_quality.sh    # the whole grid on one GPU, runs in parallel
 
-The whole grid (19 configs, 3 seeds, 2160 steps) takes about a day on two
+The whole grid (17 configs, 3 seeds, 2160 steps) takes about a day on two
 CPU cores; `--parallel N` runs N at a time, each in a process of its own
 (a GPU, or many cores), and then leaves wall-clock out of the comparison.
 

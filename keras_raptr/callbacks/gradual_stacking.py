@@ -96,10 +96,10 @@ class GradualStacking(PathStrategy):
     Args:
         stages: list of `keras_raptr.Stage`, with integer depths that grow
             from stage to stage.
-        off_path_update: `"skip"` (the default: an block beyond the stacked prefix's weights
-            and optimizer state stay as they are) or `"zero_grad"` (it is
-            updated with a zero gradient, at the cost of its optimizer
-            update). See `keras_raptr.PathStrategy`.
+        off_path_update: `"skip"` (the default: the weights and optimizer
+            state of a block beyond the stacked prefix stay as they are) or
+            `"zero_grad"` (it is updated with a zero gradient, at the cost
+            of its optimizer update). See `keras_raptr.PathStrategy`.
 
     Example:
 
