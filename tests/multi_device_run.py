@@ -49,6 +49,10 @@ STRATEGIES = {
     "ProgressiveLayerDrop": lambda: keras_raptr.ProgressiveLayerDrop(gamma=0.1),
     "StochasticDepth": lambda: keras_raptr.StochasticDepth(0.5),
     "GradualStacking": lambda: keras_raptr.GradualStacking.from_spec("2-3-4", total_steps=12),
+    # Off-path blocks updated with a zero gradient: every block written back.
+    "StageSchedule/zero_grad": lambda: keras_raptr.StageSchedule.from_spec(
+        "2-3-4", total_steps=12, off_path_update="zero_grad"
+    ),
 }
 
 

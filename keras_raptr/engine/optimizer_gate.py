@@ -26,6 +26,7 @@ are, and its update costs nothing.
 """
 
 import contextlib
+import threading
 
 import keras
 from keras import ops
@@ -47,18 +48,80 @@ def skip_off_path_updates(optimizer, groups, gates):
     overrides = {"_filter_empty_gradients": _filter_absent(optimizer, owner, gates)}
     if backend != "torch":
         overrides.update(_graph_overrides(optimizer, owner, gates, backend))
-    for name, function in overrides.items():
-        object.__setattr__(optimizer, name, function)
+    with _overridden(optimizer, overrides):
+        yield
+
+
+_OVERRIDES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _overridden(optimizer, overrides):
+    """Replaces methods of `optimizer` for the calling thread, within the context.
+
+    `tf.distribute.MirroredStrategy` traces each replica's train step in a
+    thread of its own, at the same time, so two replicas can be inside this
+    context at once: each method is replaced by one dispatcher that calls
+    the calling thread's override (or the optimizer's own method), and the
+    last thread to leave restores the optimizer. An override reaches the
+    optimizer's own method through `_own`, when it is called.
+
+    Args:
+        optimizer: the optimizer whose methods to replace.
+        overrides: dict, method name to the function to call instead.
+    """
+    thread = threading.get_ident()
+    outer = {}  # this thread's overrides when the context is entered again
+    with _OVERRIDES_LOCK:
+        table = optimizer.__dict__.get("_raptr_overrides")
+        if table is None:
+            table = {}
+            object.__setattr__(optimizer, "_raptr_overrides", table)
+        for name, function in overrides.items():
+            if name not in table:
+                table[name] = _dispatch(optimizer, name)
+            per_thread, _ = table[name]
+            if thread in per_thread:
+                outer[name] = per_thread[thread]
+            per_thread[thread] = function
     try:
         yield
     finally:
-        for name in overrides:
-            object.__delattr__(optimizer, name)
+        with _OVERRIDES_LOCK:
+            for name in overrides:
+                per_thread, _ = table[name]
+                if name in outer:
+                    per_thread[thread] = outer[name]
+                    continue
+                del per_thread[thread]
+                if not per_thread:
+                    del table[name]
+                    object.__delattr__(optimizer, name)
+            if not table:
+                object.__delattr__(optimizer, "_raptr_overrides")
+
+
+def _dispatch(optimizer, name):
+    """Installs the per-thread dispatcher of `optimizer.<name>`; returns its
+    table of thread id to override, and the method it replaced."""
+    original = getattr(optimizer, name)
+    per_thread = {}
+
+    def dispatcher(*args, **kwargs):
+        return per_thread.get(threading.get_ident(), original)(*args, **kwargs)
+
+    object.__setattr__(optimizer, name, dispatcher)
+    return per_thread, original
+
+
+def _own(optimizer, name):
+    """`optimizer.<name>` as it was before `_overridden` replaced it."""
+    entry = optimizer.__dict__.get("_raptr_overrides", {}).get(name)
+    return entry[1] if entry else getattr(optimizer, name)
 
 
 def _filter_absent(optimizer, owner, gates):
     """Drops the absent gradients of blocks known to be off (no warning)."""
-    original = optimizer._filter_empty_gradients
 
     def filter_empty_gradients(grads, variables):
         kept = [
@@ -66,14 +129,17 @@ def _filter_absent(optimizer, owner, gates):
             for g, v in zip(grads, variables)
             if not (g is None and id(v) in owner and gates[owner[id(v)]] is False)
         ]
-        return original([g for g, _ in kept], [v for _, v in kept])
+        return _own(optimizer, "_filter_empty_gradients")([g for g, _ in kept], [v for _, v in kept])
 
     return filter_empty_gradients
 
 
 def _graph_overrides(optimizer, owner, gates, backend):
-    apply_weight_decay = optimizer._apply_weight_decay
-    update_step = optimizer._backend_update_step
+    def apply_weight_decay(variables):
+        return _own(optimizer, "_apply_weight_decay")(variables)
+
+    def update_step(grads, variables, learning_rate):
+        return _own(optimizer, "_backend_update_step")(grads, variables, learning_rate)
 
     def gated_weight_decay(variables):
         # Blocks decay inside their gated update below.
@@ -172,17 +238,13 @@ def zero_off_path_gradients(optimizer, variables):
     """
     optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     blocks = {id(v) for v in variables}
-    original = optimizer._filter_empty_gradients
 
     def filter_empty_gradients(grads, variables):
         grads = [
             ops.zeros(v.shape, v.dtype) if g is None and id(v) in blocks else g
             for g, v in zip(grads, variables)
         ]
-        return original(grads, variables)
+        return _own(optimizer, "_filter_empty_gradients")(grads, variables)
 
-    object.__setattr__(optimizer, "_filter_empty_gradients", filter_empty_gradients)
-    try:
+    with _overridden(optimizer, {"_filter_empty_gradients": filter_empty_gradients}):
         yield
-    finally:
-        object.__delattr__(optimizer, "_filter_empty_gradients")
