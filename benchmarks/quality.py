@@ -40,7 +40,7 @@ CPU cores; `--parallel N` runs N at a time, each in a process of its own
 
 Writes `benchmarks/results/quality_<backend>[_quick][_TAG].json`, a Markdown
 table `quality[_quick][_TAG].md`, and the plots `quality[...].png` (held-out
-loss against steps, FLOPs and wall-clock, and the paired difference),
+loss against steps, FLOPs and, unless left out, wall-clock; and the paired difference),
 `quality_ablations[...].png` (the RaPTr variants, constant and cosine) and
 `quality_transitions[...].png`. Each run's own files (the example's
 `summary.json`, `loss_curve.csv`, ...) go under `--runs-dir` (default
@@ -561,15 +561,18 @@ def _paired_band(axes, results, name):
         axes.fill_between(steps, diffs.min(axis=0), diffs.max(axis=0), alpha=0.15)
 
 
-def plots(results, stem, suffix):
+def plots(results, stem, suffix, wall_clock=True):
+    """The figures; `wall_clock=False` leaves out the loss against wall-clock
+    (the runs shared the machine, or ran on different machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = (("step", "steps"), ("train_flops", "training FLOPs (estimate)"),
-            ("wall_clock_seconds", "wall-clock seconds"))
-    figure, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    keys = (("step", "steps"), ("train_flops", "training FLOPs (estimate)"))
+    if wall_clock:
+        keys += (("wall_clock_seconds", "wall-clock seconds"),)
+    figure, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * len(keys) + 5, 4.5))
     for ax, (key, label) in zip(axes, keys):
         for name in METHODS:
             _mean_curve(ax, results, name, key)
@@ -577,21 +580,25 @@ def plots(results, stem, suffix):
         ax.set_ylabel("held-out loss (mean over seeds)")
         ax.legend()
     for name in METHODS:
-        _paired_band(axes[3], results, name)
-    axes[3].set_xlabel("steps")
-    axes[3].set_ylabel("minus the baseline's, same seed (band: min to max)")
-    axes[3].legend()
+        _paired_band(axes[-1], results, name)
+    axes[-1].set_xlabel("steps")
+    axes[-1].set_ylabel("minus the baseline's, same seed (band: min to max)")
+    axes[-1].legend()
     figure.tight_layout()
     figure.savefig(f"{stem}{suffix}.png")
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     constant = ("raptr", "raptr-subset", *ABLATIONS, *OPTIONS)
     cosine = [name for name in COSINE if name != "baseline+cosine"]
-    for ax, names, title in (
-        (axes[0], constant, "constant learning rate"),
-        (axes[1], cosine, "warm-up and cosine decay"),
-    ):
+    ran = {r["name"] for r in results}
+    panels = [
+        (names, title)
+        for names, title in ((constant, "constant learning rate"),
+                             (cosine, "warm-up and cosine decay"))
+        if ran.intersection(names)
+    ] or [(constant, "constant learning rate")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (names, title) in zip(axes[0], panels):
         for name in names:
             _paired_band(ax, results, name)
         ax.set_title(title)
@@ -721,7 +728,7 @@ def main(argv=None):
     text = markdown(table, meta)
     with open(f"{stem}{suffix}.md", "w") as f:
         f.write(text)
-    plots(results, stem, suffix)
+    plots(results, stem, suffix, wall_clock=meta["wall_clock"])
     print(text)
     return 0
 

@@ -44,19 +44,22 @@ loss at RaPTr's finishing time was 0.026 higher). These are short runs on a
 small corpus, far from the paper's scale.
 
 At 3x the steps on a corpus that is not repeated (2160 steps, the State of
-the Union addresses, one seed, BENCHMARKS.md), the gap at equal steps halved
-(+0.023), and RaPTr was 0.040 ahead at equal FLOPs. It was not closed by the
-candidate explanations:
+the Union addresses, three seeds, BENCHMARKS.md), the gap at equal steps
+was 0.032 ± 0.013, and RaPTr was 0.039 ahead at equal FLOPs. The candidate
+explanations did not close it:
 
 - `off_path_update="zero_grad"`, the optimizer's view of a mask-based
-  implementation, scored -0.005 against `"skip"`, within one seed's noise;
+  implementation, scored -0.005 against `"skip"` (one seed), inside the
+  seeds' spread, at 1.04x to 1.36x the step time;
 - a warm-up and cosine decay of the learning rate left RaPTr +0.015 behind a
-  baseline with the same schedule;
-- stages of a sixth, a sixth, a sixth and a half of the steps (0.83 of the
-  compute) ended +0.015 above the baseline, -0.008 against equal stages.
+  baseline with the same schedule (one seed);
+- stages of a sixth, a sixth, a sixth and a half of the steps were 0.007
+  below equal stages on every seed, but spend 0.83 of the compute, and
+  do worse at equal FLOPs.
 
 So `off_path_update` stays `"skip"`, the option that costs nothing for the
-blocks off the path, and `from_spec` keeps equal stages.
+blocks off the path, and `from_spec` keeps equal stages. At this scale
+`GradualStacking` at the same compute came closer to the baseline (0.012).
 
 Paper: Panigrahi, Saunshi, Lyu, Miryoosefi, Reddi, Kale, Kumar, "Efficient
 Stagewise Pretraining via Progressive Subnetworks", ICLR 2025,
