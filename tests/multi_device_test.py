@@ -6,8 +6,8 @@ it starts. Every strategy, under each engine (JAX: `DataParallel`, and
 `ModelParallel` with the blocks' kernels split; TensorFlow:
 `MirroredStrategy`), must train the paths of the single-device run: the
 same losses step for step, the same stage logs, the same weights. So must
-`StageSchedule(off_path_update="zero_grad")`, whose optimizer override each
-replica enters at once on TensorFlow (one thread per replica).
+`StageSchedule(off_path_update="zero_grad")`, whose optimizer override
+TensorFlow's replicas (one thread each) are inside at the same time.
 """
 
 import json

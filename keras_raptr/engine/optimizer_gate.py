@@ -60,8 +60,9 @@ def _overridden(optimizer, overrides):
     """Replaces methods of `optimizer` for the calling thread, within the context.
 
     `tf.distribute.MirroredStrategy` traces each replica's train step in a
-    thread of its own, at the same time, so two replicas can be inside this
-    context at once: each method is replaced by one dispatcher that calls
+    thread of its own and switches threads at each `merge_call` (inside the
+    optimizer's update), so two replicas can be inside this context at
+    once: each method is replaced by one dispatcher that calls
     the calling thread's override (or the optimizer's own method), and the
     last thread to leave restores the optimizer. An override reaches the
     optimizer's own method through `_own`, when it is called.
@@ -129,7 +130,8 @@ def _filter_absent(optimizer, owner, gates):
             for g, v in zip(grads, variables)
             if not (g is None and id(v) in owner and gates[owner[id(v)]] is False)
         ]
-        return _own(optimizer, "_filter_empty_gradients")([g for g, _ in kept], [v for _, v in kept])
+        own = _own(optimizer, "_filter_empty_gradients")
+        return own([g for g, _ in kept], [v for _, v in kept])
 
     return filter_empty_gradients
 
