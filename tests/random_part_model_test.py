@@ -283,18 +283,30 @@ def test_model_without_blocks_is_an_error():
 
 
 @pytest.mark.parametrize(
-    "blocks, match",
+    "pick, match",
     [
-        ([], "`blocks` is empty"),
-        ("block_0", "must be a list"),
-        ([1], "must be a `keras.layers.Layer`"),
-        ([keras.layers.Dense(3, name="stranger")], "'stranger'\\) is not a layer of model"),
+        (lambda inner, blocks: [], "`blocks` is empty"),
+        (lambda inner, blocks: "block_0", "must be a list"),
+        (lambda inner, blocks: [1], "must be a `keras.layers.Layer`"),
+        (
+            lambda inner, blocks: [keras.layers.Dense(3, name="stranger")],
+            "'stranger'\\) is not a layer of model",
+        ),
+        (
+            lambda inner, blocks: [blocks[0], blocks[1], blocks[0]],
+            "`blocks\\[2\\]` \\('block_0'\\) is `blocks\\[0\\]` again",
+        ),
+        # Not residual: the head maps 16 features to 1.
+        (
+            lambda inner, blocks: [blocks[0], inner.get_layer("head")],
+            "block 'head' to return a tensor of its input's shape.*\\(None, 16\\)",
+        ),
     ],
 )
-def test_bad_blocks(blocks, match):
-    inner, _ = residual_mlp(2)
+def test_bad_blocks(pick, match):
+    inner, blocks = residual_mlp(2)
     with pytest.raises(ValueError, match=match):
-        keras_raptr.RandomPartModel(inner, blocks=blocks)
+        keras_raptr.RandomPartModel(inner, blocks=pick(inner, blocks))
 
 
 def test_bad_model_and_seed():
@@ -389,16 +401,6 @@ def test_wrapping_the_same_model_twice_reuses_the_skips():
     first = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
     second = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=1)
     assert [id(s) for s in first.blocks] == [id(s) for s in second.blocks]
-
-
-def test_gradient_accumulation_is_an_error():
-    model = make_model()
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01, gradient_accumulation_steps=2), loss="mse"
-    )
-    schedule = keras_raptr.StageSchedule([keras_raptr.Stage(3, 10)])
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        one_step(model, schedule, regression_data())
 
 
 def test_fit_again_does_not_rebuild_the_model_symbolically():

@@ -41,6 +41,7 @@ from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy
 from keras_raptr.callbacks.path_strategy import StagedPlan
 from keras_raptr.engine.gather import optimizer_slots
+from keras_raptr.engine.steps import step_counter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,13 +196,16 @@ class GradualStacking(PathStrategy):
             )
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = self._epoch_start_step + batch
+        call = self._call_at(batch)
+        _, every = step_counter(self._model.optimizer)
+        step, micro = divmod(call, every)
         plan = self._plan
         for begin in plan.ends:
-            if step == begin:
+            # Before the first micro-batch of the stage's first optimizer step.
+            if step == begin and micro == 0:
                 previous = plan.depth_at(begin - 1)
                 self._stack(previous, plan.depth_at(begin))
-        super().on_train_batch_begin(batch, logs)
+        self._update(call)
 
     def _stack(self, depth, new_depth):
         model = self.model  # On JAX, syncs the state; the step re-reads it.

@@ -150,7 +150,7 @@ class PathStrategy(keras.callbacks.Callback):
     def __init__(self, off_path_update="skip"):
         super().__init__()
         self.off_path_update = schedules.check_off_path_update(off_path_update)
-        self._epoch_start_step = 0
+        self._epoch_start_call = 0
         self._plan = None
 
     def resolve(self, num_blocks):
@@ -173,16 +173,26 @@ class PathStrategy(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         # `self.model` syncs the JAX state, so the counter is current.
-        iterations = self.model.optimizer.iterations
-        self._epoch_start_step = int(ops.convert_to_numpy(iterations))
-        self._update(0)
+        self._epoch_start_call = self.model._steps.calls()
+        self._update(self._call_at(0))
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._update(batch)
+        self._update(self._call_at(batch))
 
-    def _update(self, batch):
-        start = self._epoch_start_step + batch
-        # `batch` is the first step of the execution: the model picks the
+    def _call_at(self, batch):
+        """The optimizer's count of train steps at `batch` of this epoch.
+
+        Micro-batches under `gradient_accumulation_steps`; read from the
+        optimizer under a `LossScaleOptimizer`, whose skipped steps do not
+        count.
+        """
+        steps = self._model._steps
+        if batch and steps.rereads_count():
+            return steps.calls()
+        return self._epoch_start_call + batch
+
+    def _update(self, call):
+        # `call` is the first train step of the execution: the model picks the
         # train function for the `steps_per_execution` steps that follow.
-        stop = start + max(1, int(getattr(self._model, "steps_per_execution", 1) or 1))
-        self._model._prepare_steps(start, stop)
+        stop = call + max(1, int(getattr(self._model, "steps_per_execution", 1) or 1))
+        self._model._prepare_steps(call, stop)

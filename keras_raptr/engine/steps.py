@@ -1,8 +1,11 @@
 """Which train step runs the coming steps of a `RandomPartModel`, and how.
 
 The model holds one `Steps` per instance. At `fit` the strategy's plan is
-attached; before each execution the strategy calls `prepare(start, stop)`
-with the optimizer steps to come, and the host picks the variant:
+attached; before each execution the strategy calls `prepare(first, stop)`
+with the train steps to come, counted as the optimizer counts them (its
+`iterations`; with `gradient_accumulation_steps=A`, micro-batches, of which
+each run of `A` is one optimizer step with one path), and the host picks the
+variant:
 
 - `("static", path)`: a path the plan knows to be the same at every step
   (every block: the plain network; the fixed blocks; a stacking prefix). Its
@@ -44,9 +47,9 @@ class Steps:
         self.model = model
         self.plan = None
         self.variant = None
-        # The optimizer step of the next train step as the host counts it
-        # (PyTorch reads it in the step).
-        self.host_step = 0
+        # The optimizer's count of train steps (micro-batches) at the next
+        # train step, as the host counts it (PyTorch reads it in the step).
+        self.host_call = 0
         # Set while a variant is traced (JAX, TensorFlow) or run (PyTorch).
         self.tracing = None
         self.compiled = {}
@@ -90,9 +93,12 @@ class Steps:
             scale = path.scales(self.plan, tables, step, xp)
         return on, scale
 
-    def prepare(self, start, stop):
-        """Picks the variant for optimizer steps `[start, stop)`."""
-        self.host_step = start
+    def prepare(self, first, stop):
+        """Picks the variant for the train steps (micro-batches) `[first, stop)`."""
+        self.host_call = first
+        _, every = step_counter(self.model.optimizer)
+        # The optimizer steps these train steps belong to.
+        start, stop = first // every, (stop - 1) // every + 1
         num_blocks = len(self.model.blocks)
         if keras.backend.backend() == "jax" and self._layout is False:
             # Before the first step takes the variables' values.
@@ -212,7 +218,10 @@ class Steps:
                 gates = [(bool(on), None) for on in static]
                 result = self._run_gated(base_step, gates, args, kwargs)
         elif kind == "host":
-            on, scale = self.path_at(self.host_step, NUMPY)
+            if self.rereads_count():
+                # A skipped step did not advance the count: read it (eager).
+                self.host_call = self.calls()
+            on, scale = self.path_at(self.host_call // step_counter(model.optimizer)[1], NUMPY)
             gates = [
                 (bool(on[i]), None if scale is None else float(scale[i]))
                 for i in range(len(on))
@@ -246,7 +255,7 @@ class Steps:
             ]
             result = self._run_gated(base_step, gates, args, kwargs)
         if backend == "torch":
-            self.host_step += 1
+            self.host_call += 1
         logs = self.plan.logs(step, self.tensors)
         if backend == "jax":
             result_logs, state = result
@@ -254,13 +263,48 @@ class Steps:
         return {**result, **logs}
 
     def _optimizer_step(self, args):
-        optimizer = self.model.optimizer
+        counter, every = step_counter(self.model.optimizer)
         if keras.backend.backend() != "jax":
             # A copy: the optimizer increments the variable in place later in
             # the step.
-            return ops.copy(optimizer.iterations.value)
-        # JAX: the live value is in the state passed to the step.
-        return args[0][2][self._counter_index()]
+            value = ops.copy(counter.value)
+        else:
+            # JAX: the live value is in the state passed to the step.
+            value = args[0][2][self._counter_index()]
+        return _optimizer_steps(value, every)
+
+    def calls(self):
+        """The optimizer's count of train steps now, read on the host.
+
+        On JAX during `fit`, from the state Keras threads between steps
+        (without syncing the variables): one scalar copied from the device,
+        which waits for the step before to finish.
+        """
+        model = self.model
+        counter, _ = step_counter(model.optimizer)
+        state = getattr(model, "_jax_state", None)
+        if (
+            keras.backend.backend() == "jax"
+            and state
+            and not getattr(model, "_jax_state_synced", True)
+            and state.get("optimizer_variables") is not None
+        ):
+            index = self._counter_index()
+            if self.packing is not None and self.packing.is_packed(
+                (state["trainable_variables"],)
+            ):
+                index = self.packing.rest[2].index(index)
+            return int(np.asarray(state["optimizer_variables"][index]))
+        return int(ops.convert_to_numpy(counter.value))
+
+    def rereads_count(self):
+        """Whether the host must read the count before each execution.
+
+        A `LossScaleOptimizer` (`mixed_float16`) skips a step whose gradients
+        are not finite without advancing its count, which the host cannot
+        foresee.
+        """
+        return isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer)
 
     def _run_gated(self, base_step, gates, args, kwargs):
         """Keras' own step, with per-block gates and the optimizer gated alike."""
@@ -312,7 +356,8 @@ class Steps:
         """One gathered JAX train step on the packed state (`stacked.py`)."""
         model = self.model
         counter = packing.rest[2].index(self._counter_index())
-        on, scale = self.path_at(packed[2][counter], KERAS)
+        _, every = step_counter(model.optimizer)
+        on, scale = self.path_at(_optimizer_steps(packed[2][counter], every), KERAS)
         # "zero_grad": every block's rows, the path's first (a permutation).
         every = self._zero_grad()
         idx, _ = gather.path_positions(on, key[1], every_block=every)
@@ -328,8 +373,9 @@ class Steps:
     def _counter_index(self):
         """The index of the optimizer's step counter in its variables."""
         optimizer = self.model.optimizer
+        counter, _ = step_counter(optimizer)
         for n, variable in enumerate(optimizer.variables):
-            if variable is optimizer.iterations:
+            if variable is counter:
                 return n
         raise RuntimeError("The optimizer's step counter is not among its variables.")
 
@@ -395,6 +441,28 @@ class Steps:
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
+
+
+def step_counter(optimizer):
+    """The variable counting `optimizer`'s train steps, and the steps per update.
+
+    Keras' `iterations` counts optimizer steps. With
+    `gradient_accumulation_steps=A` it is computed from the count of train
+    steps (micro-batches), of which every `A` make one optimizer step: that
+    count is the variable (Keras keeps it as `_iterations`).
+    """
+    inner = optimizer
+    while hasattr(inner, "inner_optimizer"):
+        inner = inner.inner_optimizer
+    every = int(getattr(inner, "gradient_accumulation_steps", None) or 1)
+    if every == 1:
+        return optimizer.iterations, 1
+    return inner._iterations, every
+
+
+def _optimizer_steps(calls, every):
+    """The optimizer step of a train step, from the count of train steps."""
+    return calls if every == 1 else ops.floor_divide(calls, every)
 
 
 def _tf_distribute_strategy(model):

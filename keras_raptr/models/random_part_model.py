@@ -271,6 +271,16 @@ class RandomPartModel(keras.Model):
             id(layer)
             for layer in model._flatten_layers(include_self=True, recursive=True)
         }
+        seen = {}
+        for i, block in enumerate(blocks):
+            inner = getattr(block, "block", block) if isinstance(block, RandomSkip) else block
+            if id(inner) in seen:
+                raise ValueError(
+                    f"`blocks[{i}]` ('{inner.name}') is `blocks[{seen[id(inner)]}]` "
+                    "again: each block is on a path or off it once per step, so "
+                    "list each block once, in depth order."
+                )
+            seen[id(inner)] = i
         wrapped = []
         for i, block in enumerate(blocks):
             if not isinstance(block, keras.layers.Layer):
@@ -288,8 +298,6 @@ class RandomPartModel(keras.Model):
                 block = wrapper_of(block) or RandomSkip(block)
             check_functional_shapes(block)
             wrapped.append(block)
-        if len({id(s.block) for s in wrapped}) != len(wrapped):
-            raise ValueError("`blocks` lists the same block more than once.")
         return wrapped, blocks
 
     @property
@@ -393,18 +401,6 @@ class RandomPartModel(keras.Model):
             self._schedule = None
             self._steps.attach(None)
             return
-        optimizer = getattr(self, "optimizer", None)
-        if optimizer is not None and getattr(
-            getattr(optimizer, "inner_optimizer", optimizer),
-            "gradient_accumulation_steps",
-            None,
-        ):
-            raise ValueError(
-                f"`{type(schedule).__name__}` does not support an optimizer with "
-                "`gradient_accumulation_steps`: each step draws its own path, "
-                "so accumulated micro-batches would train different blocks. "
-                "Use a larger batch instead."
-            )
         if keras.backend.backend() == "torch" and getattr(self, "jit_compile", False):
             raise ValueError(
                 f"`{type(schedule).__name__}` does not support `jit_compile=True` "
