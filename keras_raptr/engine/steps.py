@@ -295,7 +295,7 @@ class Steps:
             ):
                 index = self.packing.rest[2].index(index)
             return int(np.asarray(state["optimizer_variables"][index]))
-        return int(ops.convert_to_numpy(counter.value))
+        return int(ops.convert_to_numpy(counter))
 
     def rereads_count(self):
         """Whether the host must read the count before each execution.
