@@ -58,14 +58,25 @@ training, and writes under `--output-dir` (default `runs/<timestamp>`):
   keras-raptr; not with `--no-save-preset`), and `checkpoint.keras` for
   `--resume`.
 
-`--resume DIR` continues an interrupted run from its last checkpoint, in the
-right stage. `--distribute` trains data-parallel over every visible device
+These files (and `options.json`, for `--resume`) are each written under a
+temporary name beside their place, flushed to disk and renamed over the old
+version, so that a run killed while writing leaves the previous version
+whole (the next run removes the temporary files); `model/` is not. The
+curve is written before the checkpoint. `--resume DIR` continues an
+interrupted run from its last checkpoint, in the right stage, and with the
+dropout layers' random state, which the checkpoint keeps: it reproduces the
+losses of an uninterrupted run. A NaN or infinite training loss stops the
+run at the step it happens, writing nothing more, with exit code 3 and a
+message naming the step, the stage and the checkpoint to resume from; bad
+inputs exit with code 2 and a message, before anything is written.
+`--distribute` trains data-parallel over every visible device
 (JAX: `keras.distribution.DataParallel`; TensorFlow:
 `tf.distribute.MirroredStrategy`); the summary's `devices` says how many. `--compare` runs the baseline and the chosen method back to
 back and plots both on one figure.
 """
 
 import argparse
+import base64
 import contextlib
 import csv
 import glob
@@ -74,11 +85,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -89,6 +102,21 @@ PAD, UNK, CLS, SEP, MASK = range(5)
 
 class ExampleError(Exception):
     """A problem with the run's inputs: printed, and the exit code is 2."""
+
+    exit_code = 2
+
+
+class LossNotFinite(ExampleError):
+    """The training loss became NaN or infinite: printed, the exit code is 3.
+
+    Training stops at the step it happened; nothing is written after it.
+    """
+
+    exit_code = 3
+
+
+# The path of an optimizer step is drawn from its step count as an int32.
+MAX_STEPS = 2**31 - 1
 
 
 # ----------------------------------------------------------------------
@@ -155,14 +183,36 @@ def text_paths(pattern):
 
 
 def read_texts(paths):
+    """The files' texts, as UTF-8; a file that is not text is an error."""
     texts = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as error:
             raise ExampleError(f"--dataset: cannot read {path!r}: {error}.") from error
+        texts.append(decode_text(path, data))
     return texts
+
+
+def decode_text(path, data):
+    """`data` as UTF-8 text (a few bad bytes replaced); a binary file is an error."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ExampleError(
+            f"--dataset: {path!r} is not a text file (it has a NUL byte at offset "
+            f"{nul}); pass text files only, e.g. a glob such as 'texts/*.txt'."
+        )
+    # As `open(path, encoding="utf-8", errors="replace")` reads it.
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    bad = text.count("\ufffd")
+    if bad > 0.1 * len(text):
+        raise ExampleError(
+            f"--dataset: {path!r} is not UTF-8 text ({bad} of its {len(text)} "
+            "characters do not decode); convert it to UTF-8 (e.g. `iconv -t utf-8`) "
+            "or leave it out of the glob."
+        )
+    return text
 
 
 def tfds_texts(spec, data_dir):
@@ -508,6 +558,45 @@ def compute_fraction(strategy, num_blocks, steps):
 # The run.
 
 
+@contextlib.contextmanager
+def replacing(path):
+    """Yields a temporary path beside `path`, moved over `path` once written.
+
+    Write the file at the yielded path: when the block ends, it is flushed
+    to disk and renamed over `path` (`os.replace`, atomic on one file
+    system), so that a reader, or a run killed meanwhile, finds the old file
+    or the new one, never part of one. If the block raises, the temporary
+    file is removed and `path` is left as it was. The temporary name ends
+    like `path` (`model.save` and `savefig` read the format from it):
+    `.checkpoint.keras.partial-<pid>.keras` for `checkpoint.keras`.
+    """
+    directory, name = os.path.split(path)
+    partial = os.path.join(directory, f".{name}.partial-{os.getpid()}{os.path.splitext(name)[1]}")
+    try:
+        yield partial
+        descriptor = os.open(partial, os.O_RDWR)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def remove_partial_files(directory):
+    """Removes the temporary files of saves that did not finish (a killed run)."""
+    for partial in glob.glob(os.path.join(glob.escape(directory), ".*.partial-*")):
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+
+
+def write_json(value, path):
+    with replacing(path) as partial, open(partial, "w") as f:
+        json.dump(value, f, indent=2)
+
+
 class Curve:
     """Records the loss curve at each evaluation, and writes it as CSV."""
 
@@ -519,22 +608,153 @@ class Curve:
         if os.path.exists(path):
             with open(path) as f:
                 self.rows = [
-                    {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)
+                    {k: int(float(v)) if k == "step" else float(v) for k, v in row.items()}
+                    for row in csv.DictReader(f)
                 ]
+
+    def truncate(self, step):
+        """Forgets the rows after `step` (a resumed run's checkpoint)."""
+        self.rows = [row for row in self.rows if row["step"] <= step]
 
     def add(self, row):
         self.rows.append(row)
-        with open(self.path, "w", newline="") as f:
+        with replacing(self.path) as partial, open(partial, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.FIELDS)
             writer.writeheader()
             writer.writerows(self.rows)
 
 
-def recorder(curve, counter, clock, checkpoint, timers):
+# The checkpoint's member with the random state dropout draws its masks from:
+# `model.save` keeps the weights and the optimizer, not the states of the
+# `SeedGenerator`s (JAX, TensorFlow), nor PyTorch's global generator, which
+# Keras' dropout uses on PyTorch when its layer was given no seed.
+RANDOM_STATE = "random_state.json"
+
+
+def seed_generator_states(model):
+    """The state variables of the model's `SeedGenerator`s, in a fixed order."""
+    return [v for v in model.variables if v.name == "seed_generator_state"]
+
+
+def random_state(model):
+    """What dropout's next masks depend on, as JSON."""
+    import keras
+
+    state = {
+        "seed_generators": [
+            keras.ops.convert_to_numpy(v).tolist() for v in seed_generator_states(model)
+        ]
+    }
+    if keras.backend.backend() == "torch":
+        import torch
+
+        state["torch_cpu"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        if torch.cuda.is_available():
+            state["torch_cuda"] = [
+                base64.b64encode(s.numpy().tobytes()).decode()
+                for s in torch.cuda.get_rng_state_all()
+            ]
+    return state
+
+
+def set_seed_generator_states(model, state):
+    """Restores the `SeedGenerator`s of `random_state(model)`."""
+    variables = seed_generator_states(model)
+    if state is None or len(state["seed_generators"]) != len(variables):
+        print(
+            "the checkpoint has no random state for dropout: its masks are drawn "
+            "afresh, so the losses differ slightly from an uninterrupted run's"
+        )
+        return
+    for variable, value in zip(variables, state["seed_generators"]):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def torch_random_state_restorer(state):
+    """A callback that restores PyTorch's generators before the first batch.
+
+    Not earlier: `fit` draws from them when it starts (its data loader's
+    seed), which an uninterrupted run did once, before its first step.
+    """
+    import keras
+
+    class RestoreTorchRandomState(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.state is None:
+                return
+            import torch
+
+            def tensor(text):
+                return torch.from_numpy(np.frombuffer(base64.b64decode(text), "uint8").copy())
+
+            torch.set_rng_state(tensor(self.state["torch_cpu"]))
+            cuda = self.state.get("torch_cuda")
+            if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([tensor(text) for text in cuda])
+            self.state = None
+
+    restorer = RestoreTorchRandomState()
+    restorer.state = state if state and "torch_cpu" in state else None
+    return restorer
+
+
+def save_checkpoint(model, path):
+    """`model.save(path)`, atomically, with dropout's random state.
+
+    With it, a resumed run draws the same dropout masks as an uninterrupted
+    one, so it reproduces its losses.
+    """
+    state = json.dumps(random_state(model))
+    with replacing(path) as partial:
+        model.save(partial)
+        with zipfile.ZipFile(partial, "a") as archive:
+            archive.writestr(RANDOM_STATE, state)
+
+
+def load_checkpoint(path):
+    """The model saved by `save_checkpoint`, and its random state.
+
+    The `SeedGenerator`s are restored; PyTorch's generators are restored by
+    the callback of `torch_random_state_restorer(state)`. A checkpoint that
+    cannot be read is an `ExampleError` that says how to go on.
+    """
+    import keras
+
+    problem = error = None
+    try:
+        if not zipfile.is_zipfile(path):
+            problem = "it is not a whole zip archive: cut short?"
+        else:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+                names = archive.namelist()
+                state = json.loads(archive.read(RANDOM_STATE)) if RANDOM_STATE in names else None
+            if damaged is not None:
+                problem = f"its member {damaged} fails its checksum"
+            else:
+                model = keras.saving.load_model(path)
+    except Exception as caught:  # a damaged config or weights file
+        problem, error = f"{type(caught).__name__}: {caught}", caught
+    if problem is not None:
+        directory = os.path.dirname(path) or "."
+        raise ExampleError(
+            f"--resume: the checkpoint {path} cannot be read ({problem}); it is "
+            "damaged, and nothing was changed. Restore it from a copy, or delete it "
+            f"to train again from step 0 with --resume {directory} (its options are "
+            "kept)."
+        ) from error
+    set_seed_generator_states(model, state)
+    return model, state
+
+
+def recorder(curve, counter, clock, checkpoint, timers, saved):
     """Records the curve and saves the checkpoint at each epoch's end.
 
     `timers` accumulates the seconds spent evaluating and checkpointing, so
-    that the training time can be told apart from them.
+    that the training time can be told apart from them; `saved["step"]` is
+    the step of the last checkpoint. The curve is written first: a run
+    killed between the two resumes from the older checkpoint and drops the
+    rows after it.
     """
     import keras
 
@@ -563,10 +783,54 @@ def recorder(curve, counter, clock, checkpoint, timers):
             if checkpoint is None:  # --no-checkpoint
                 return
             start = time.perf_counter()
-            self.model.save(checkpoint)
+            save_checkpoint(self.model, checkpoint)
+            saved["step"] = step
             timers["checkpoint_seconds"] += time.perf_counter() - start
 
     return Record()
+
+
+def stop_on_non_finite_loss(args, strategy, checkpoint, saved):
+    """A callback that stops training when a batch's loss is NaN or infinite.
+
+    It raises `LossNotFinite` at the batch's end, before anything else is
+    written: the checkpoint, the curve, the summary and the plot stay as
+    they were.
+    """
+    import keras
+
+    class StopOnNonFiniteLoss(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is None or np.isfinite(loss):
+                return
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            where = f"at optimizer step {step} of {args.steps}"
+            if "stage" in logs:
+                stage, stages = int(logs["stage"]), len(getattr(strategy, "stages", ()))
+                where += (
+                    f", in stage {stage} (of 0 to {stages - 1})" if stage < stages
+                    else f", after the last stage ({stages - 1}), on the full network"
+                )
+            directory = os.path.dirname(checkpoint) or "."
+            if saved["step"] is not None:
+                then = (
+                    f"The last checkpoint, {checkpoint}, holds step {saved['step']}: "
+                    f"`--resume {directory}` continues from it, with the same batches "
+                    "and learning rate."
+                )
+            elif getattr(args, "checkpoint", True):
+                then = "No checkpoint was saved yet: there is nothing to resume."
+            else:
+                then = "No checkpoint is kept (--no-checkpoint): there is nothing to resume."
+            raise LossNotFinite(
+                f"the training loss is {loss} {where}: training stopped there and "
+                f"nothing was written after it. {then} A new run with a lower "
+                f"--learning-rate (this run's: {args.learning_rate}) or another "
+                "--seed may avoid it."
+            )
+
+    return StopOnNonFiniteLoss()
 
 
 # Bump when what a cache entry holds, or how it is computed, changes.
@@ -742,20 +1006,22 @@ def _distribution_scope(distribution):
         keras.distribution.set_distribution(None)
 
 
-def run(args, output_dir, callbacks=()):
+def run(args, output_dir, callbacks=(), save_options=False):
     """One training run; returns its summary.
 
     `callbacks` are extra Keras callbacks for `fit` (the benchmarks use them).
+    Nothing is written to `output_dir` (with `save_options`, its
+    `options.json` first) until the corpus, the model and the batches are
+    ready, so that a run stopped by bad inputs leaves nothing behind.
     """
-    os.makedirs(output_dir, exist_ok=True)
     devices, scope = 1, contextlib.nullcontext()
     if getattr(args, "distribute", False):
         devices, scope = distribute(args)
     with scope:
-        return _train(args, output_dir, callbacks, devices)
+        return _train(args, output_dir, callbacks, devices, save_options)
 
 
-def _train(args, output_dir, callbacks, devices):
+def _train(args, output_dir, callbacks, devices, save_options=False):
     import keras
 
     import keras_raptr
@@ -765,6 +1031,8 @@ def _train(args, output_dir, callbacks, devices):
     body = args.seq_len - 2 if args.objective == "mlm" else args.seq_len + 1
     checkpoint = os.path.join(output_dir, "checkpoint.keras")
     resuming = os.path.exists(checkpoint)
+    if getattr(args, "resume", None) and not resuming:
+        print(f"{checkpoint} was not saved: training from step 0")
     task = None
     if args.preset:
         task, tokenizer = preset_task(args)
@@ -782,8 +1050,9 @@ def _train(args, output_dir, callbacks, devices):
         f"{body} tokens (vocabulary {vocabulary_size})"
     )
 
+    random = None
     if resuming:
-        model = keras.saving.load_model(checkpoint)
+        model, random = load_checkpoint(checkpoint)
         print(f"resuming from {checkpoint} at step "
               f"{int(keras.ops.convert_to_numpy(model.optimizer.iterations))}")
     else:
@@ -813,8 +1082,16 @@ def _train(args, output_dir, callbacks, devices):
         x, y, w = clm_batch(sample_rows)
         vx, vy, vw = clm_batch(held)
 
+    done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    # The first write to the run's folder.
+    os.makedirs(output_dir, exist_ok=True)
+    remove_partial_files(output_dir)
+    if save_options:
+        _save_options(args, output_dir)
     counter = keras_raptr.TrainFlops(args.batch_size, sequence_length=length)
     curve = Curve(os.path.join(output_dir, "loss_curve.csv"))
+    # Rows written after the checkpoint, by a run killed before saving it.
+    curve.truncate(done)
     elapsed = curve.rows[-1]["wall_clock_seconds"] if curve.rows else 0.0
     timers = {"eval_seconds": 0.0, "checkpoint_seconds": 0.0}
     start = time.perf_counter()
@@ -824,23 +1101,35 @@ def _train(args, output_dir, callbacks, devices):
 
     eval_every = max(1, min(args.eval_every, args.steps))
     epochs = -(-args.steps // eval_every)
-    done = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     # A resumed run continues with the batches it had not seen.
     x = {k: v[done * args.batch_size:] for k, v in x.items()}
     y, w = y[done * args.batch_size:], w[done * args.batch_size:]
     saving = checkpoint if getattr(args, "checkpoint", True) else None
-    callbacks = [counter, recorder(curve, counter, clock, saving, timers), *callbacks]
+    saved = {"step": done if resuming else None}
+    callbacks = [
+        stop_on_non_finite_loss(args, strategy, checkpoint, saved),
+        counter,
+        recorder(curve, counter, clock, saving, timers, saved),
+        *callbacks,
+    ]
     if strategy is not None:
         callbacks.insert(0, strategy)
+    if keras.backend.backend() == "torch":
+        # Last: nothing may draw from the generators after it.
+        callbacks.append(torch_random_state_restorer(random))
     if args.stop_after is not None:
         callbacks.append(_StopAfter(args.stop_after))
-    model.fit(
-        x, y, sample_weight=w, batch_size=args.batch_size,
-        epochs=epochs, initial_epoch=done // eval_every,
-        steps_per_epoch=eval_every, shuffle=False,
-        validation_data=(vx, vy, vw), validation_batch_size=64,
-        callbacks=callbacks, verbose=args.verbose,
-    )
+    if done < args.steps:
+        model.fit(
+            x, y, sample_weight=w, batch_size=args.batch_size,
+            epochs=epochs, initial_epoch=done // eval_every,
+            steps_per_epoch=eval_every, shuffle=False,
+            validation_data=(vx, vy, vw), validation_batch_size=64,
+            callbacks=callbacks, verbose=args.verbose,
+        )
+    else:
+        # Killed after its last checkpoint: what remains is written below.
+        print(f"{checkpoint} is at step {done}, the run's last: nothing to train")
     seconds = clock()
     per_step = keras_raptr.train_flops_per_step(model, args.batch_size, length)
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
@@ -856,7 +1145,12 @@ def _train(args, output_dir, callbacks, devices):
         "eval_seconds": timers["eval_seconds"],
         "checkpoint_seconds": timers["checkpoint_seconds"],
         "compute_fraction": fraction,
-        "train_flops": counter.train_flops,
+        # The counter counts in `fit`; a run with nothing left to train has
+        # its count in the curve.
+        "train_flops": (
+            counter.train_flops if done < args.steps or not curve.rows
+            else curve.rows[-1]["train_flops"]
+        ),
         "full_train_flops": keras_raptr.estimate_train_flops(
             model, args.batch_size, length, steps=steps
         ),
@@ -879,8 +1173,7 @@ def _train(args, output_dir, callbacks, devices):
         "strategy": repr(strategy),
         "options": vars(args),
     }
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(summary, os.path.join(output_dir, "summary.json"))
     if steps >= args.steps and getattr(args, "save_preset", True):
         if tokenizer is None and args.objective == "mlm":
             tokenizer = bert_tokenizer(vocabulary)
@@ -945,8 +1238,26 @@ def plot(curves, path):
         axes.set_ylabel("held-out loss")
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    try:
+        with replacing(path) as partial:
+            figure.savefig(partial)
+    finally:
+        plt.close(figure)
+
+
+def batches_bytes(args):
+    """About the memory the batches of `--steps` take (made before training)."""
+    # The token ids, segment ids, padding mask and windows as int32, and
+    # the int64 sequences they are made from.
+    return args.steps * args.batch_size * (args.seq_len + 2) * 24
+
+
+def memory_bytes():
+    """The machine's physical memory, or `None` where it cannot be told."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def parse_args(argv=None):
@@ -1015,11 +1326,32 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.method not in METHODS:
         parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
-    for name in ("steps", "batch_size", "seq_len", "num_layers", "hidden_dim", "eval_every"):
+    for name in ("steps", "batch_size", "seq_len", "num_layers", "hidden_dim", "num_heads",
+                 "eval_every", "eval_windows"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
     if args.seq_len < 4:
-        parser.error("--seq-len must be at least 4")
+        parser.error(f"--seq-len must be at least 4, got {args.seq_len}")
+    if args.steps > MAX_STEPS:
+        parser.error(
+            f"--steps must be at most {MAX_STEPS} (the path of a step is drawn from "
+            f"its count as an int32), got {args.steps}"
+        )
+    need, have = batches_bytes(args), memory_bytes()
+    if have is not None and need > have // 2:
+        parser.error(
+            f"--steps {args.steps} of --batch-size {args.batch_size} x --seq-len "
+            f"{args.seq_len} tokens: the example makes every batch before training, "
+            f"about {need / 2**30:.3g} GiB, over half of this machine's "
+            f"{have / 2**30:.3g} GiB of memory; pass fewer --steps or a smaller "
+            "--batch-size"
+        )
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        parser.error(
+            f"--learning-rate must be a positive number, got {args.learning_rate}"
+        )
     if args.warmup_steps is not None and not 0 <= args.warmup_steps < args.steps:
         parser.error(
             f"--warmup-steps must be at least 0 and less than --steps ({args.steps}), "
@@ -1037,16 +1369,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Runs the example; returns the exit code.
+
+    0: trained; 2: bad inputs (a message says which and how to fix them); 3:
+    the training loss became NaN or infinite (a message says at which step,
+    and which checkpoint to resume from). Bad command-line values exit with
+    2 through `argparse`.
+    """
     args = parse_args(argv)
     try:
         if args.resume:
-            options = os.path.join(args.resume, "options.json")
-            if not os.path.exists(options):
-                raise ExampleError(f"--resume {args.resume!r}: no run there (no options.json).")
-            with open(options) as f:
-                saved = json.load(f)
-            saved.update({"resume": args.resume, "stop_after": args.stop_after, "verbose": args.verbose})
-            args = argparse.Namespace(**saved)
+            args = resumed_args(args)
             output_dir = args.resume
         else:
             output_dir = args.output_dir or os.path.join(
@@ -1057,26 +1390,48 @@ def main(argv=None):
             for method in ("baseline", args.method):
                 sub = argparse.Namespace(**{**vars(args), "method": method})
                 directory = os.path.join(output_dir, method)
-                _save_options(sub, directory)
-                results.append((method, run(sub, directory)))
-            plot(
-                [(m, Curve(os.path.join(output_dir, m, "loss_curve.csv")).rows) for m, _ in results],
-                os.path.join(output_dir, "loss.png"),
-            )
+                results.append((method, run(sub, directory, save_options=True)))
+            curves = [
+                (m, Curve(os.path.join(output_dir, m, "loss_curve.csv")).rows) for m, _ in results
+            ]
+            remove_partial_files(output_dir)
+            plot(curves, os.path.join(output_dir, "loss.png"))
             return 0
-        if not args.resume:
-            _save_options(args, output_dir)
-        run(args, output_dir)
+        run(args, output_dir, save_options=not args.resume)
         return 0
     except ExampleError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
+
+
+def resumed_args(args):
+    """The options of the run in `--resume DIR` (its `options.json`)."""
+    options = os.path.join(args.resume, "options.json")
+    fix = (
+        "pass the folder of an earlier run (its --output-dir, which holds "
+        "options.json and checkpoint.keras), or start a new run with --output-dir."
+    )
+    if not os.path.isfile(options):
+        raise ExampleError(f"--resume {args.resume!r}: no run there (no options.json); {fix}")
+    try:
+        with open(options) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (OSError, ValueError) as error:
+        raise ExampleError(
+            f"--resume {args.resume!r}: {options} cannot be read ({error}); restore "
+            f"it from a copy, or {fix}"
+        ) from error
+    # Options added to the example since the run started take their defaults.
+    merged = {**vars(parse_args([])), **saved}
+    merged.update({"resume": args.resume, "stop_after": args.stop_after, "verbose": args.verbose})
+    return argparse.Namespace(**merged)
 
 
 def _save_options(args, directory):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "options.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}, f, indent=2)
+    options = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}
+    write_json(options, os.path.join(directory, "options.json"))
 
 
 if __name__ == "__main__":

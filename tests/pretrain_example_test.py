@@ -1,10 +1,14 @@
 """examples/pretrain.py end to end, in a tiny configuration (seconds)."""
 
 import csv
+import glob
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import zipfile
 
@@ -42,17 +46,47 @@ def text_glob(tmp_path_factory):
     return str(directory / "*.txt")
 
 
+@pytest.fixture(scope="module")
+def whole_run(example, text_glob, tmp_path_factory):
+    """An uninterrupted TINY run (checkpoints at steps 3 and 6), and its options.
+
+    Its corpus is kept in a cache folder, which the runs that compare with
+    it share (a subprocess then reads it instead of computing it).
+    """
+    root = tmp_path_factory.mktemp("whole")
+    argv = ["--dataset", text_glob, *TINY, "--corpus-cache", str(root / "corpus")]
+    out = str(root / "run")
+    assert example.main([*argv, "--output-dir", out]) == 0
+    return out, argv
+
+
 def read_curve(directory):
     with open(os.path.join(directory, "loss_curve.csv")) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def test_text_files_run_writes_its_summary_curve_plot_and_preset(example, text_glob, tmp_path):
+def read_summary(directory):
+    with open(os.path.join(directory, "summary.json")) as f:
+        return json.load(f)
+
+
+def assert_same_losses(directory, whole):
+    """The run in `directory` has the losses of the uninterrupted run `whole`."""
+    curve, expected = read_curve(directory), read_curve(whole)
+    assert [row["step"] for row in curve] == [row["step"] for row in expected]
+    for row, want in zip(curve, expected):
+        for key in ("loss", "eval_loss", "train_flops"):
+            assert row[key] == pytest.approx(want[key]), (row["step"], key)
+    assert read_summary(directory)["final_eval_loss"] == pytest.approx(
+        read_summary(whole)["final_eval_loss"]
+    )
+
+
+def test_text_files_run_writes_its_summary_curve_plot_and_preset(whole_run):
     import keras
     import keras_hub
 
-    out = str(tmp_path / "run")
-    assert example.main(["--dataset", text_glob, "--output-dir", out, *TINY]) == 0
+    out, _ = whole_run
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["method"] == "raptr"
@@ -71,6 +105,8 @@ def test_text_files_run_writes_its_summary_curve_plot_and_preset(example, text_g
     # The trained model is a plain keras-hub preset, with its tokenizer.
     task = keras_hub.models.BertMaskedLM.from_preset(os.path.join(out, "model"))
     assert task.preprocessor.tokenizer.vocabulary_size() <= 300
+    # Every file was written whole, then renamed into place.
+    assert not glob.glob(os.path.join(out, ".*partial*"))
 
 
 # ----------------------------------------------------------------------
@@ -137,21 +173,86 @@ def test_a_failed_cache_write_leaves_nothing(example, tmp_path, monkeypatch):
     assert os.listdir(cache) == []
 
 
-def test_resume_continues_an_interrupted_run(example, text_glob, tmp_path):
-    whole = str(tmp_path / "whole")
-    assert example.main(["--dataset", text_glob, "--output-dir", whole, *TINY]) == 0
+def test_resume_continues_an_interrupted_run(example, whole_run, tmp_path):
+    whole, argv = whole_run
     parts = str(tmp_path / "parts")
-    args = ["--dataset", text_glob, "--output-dir", parts, *TINY]
-    assert example.main([*args, "--stop-after", "3"]) == 0
+    assert example.main([*argv, "--output-dir", parts, "--stop-after", "3"]) == 0
     assert [row["step"] for row in read_curve(parts)] == [3]
     assert not os.path.exists(os.path.join(parts, "model"))
     assert example.main(["--resume", parts, "--verbose", "0"]) == 0
-    curve = read_curve(parts)
-    assert [row["step"] for row in curve] == [3, 6]
-    # The FLOPs of each step depend on its stage: the resumed run counted
-    # the same as the uninterrupted one, so it trained in the same stages.
-    assert curve[-1]["train_flops"] == pytest.approx(read_curve(whole)[-1]["train_flops"])
+    # The same paths, batches and dropout masks: the same losses (the FLOPs
+    # of each step depend on its stage, so it trained in the same stages).
+    assert_same_losses(parts, whole)
     assert os.path.isdir(os.path.join(parts, "model"))
+    # A finished run: nothing to train, the same curve and summary.
+    assert example.main(["--resume", parts, "--verbose", "0"]) == 0
+    assert_same_losses(parts, whole)
+    assert read_summary(parts)["train_flops"] == pytest.approx(read_summary(whole)["train_flops"])
+
+
+def file_state(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns
+
+
+def test_a_run_killed_inside_a_checkpoint_save_resumes(example, whole_run, tmp_path):
+    import keras
+
+    whole, argv = whole_run
+    out = str(tmp_path / "killed")
+    root = os.path.join(HERE, "..")
+    env = dict(os.environ)  # KERAS_BACKEND included
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, os.path.join(HERE, "kill_example.py"), *argv, "--output-dir", out]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-4000:]
+    # Killed halfway through the save at step 6: the new zip was cut short
+    # in its temporary file, and checkpoint.keras is the save at step 3.
+    (partial,) = glob.glob(os.path.join(out, ".checkpoint.keras.partial-*.keras"))
+    checkpoint = os.path.join(out, "checkpoint.keras")
+    assert 0 < os.path.getsize(partial) < os.path.getsize(checkpoint)
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(partial)
+    model = keras.saving.load_model(checkpoint)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3
+    # The curve is written before the checkpoint: it has a row past it.
+    assert [row["step"] for row in read_curve(out)] == [3, 6]
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+
+    assert example.main(["--resume", out, "--verbose", "0"]) == 0
+    assert_same_losses(out, whole)
+    assert not glob.glob(os.path.join(out, ".*partial*"))
+
+
+def test_a_non_finite_loss_stops_training_and_writes_nothing_after_it(
+    example, text_glob, tmp_path, capsys, monkeypatch
+):
+    out = str(tmp_path / "nan")
+    make_batch, saves = example.mlm_batch, []
+
+    def nan_weights_at_step_5(rows, *args, **kwargs):
+        x, y, w = make_batch(rows, *args, **kwargs)
+        if len(rows) == 6 * 4:  # the training batches, not the held-out ones
+            w[4 * 4 : 5 * 4] = np.nan
+        return x, y, w
+
+    def save_checkpoint(model, path):
+        save(model, path)
+        saves.append(file_state(path))
+
+    save = example.save_checkpoint
+    monkeypatch.setattr(example, "mlm_batch", nan_weights_at_step_5)
+    monkeypatch.setattr(example, "save_checkpoint", save_checkpoint)
+    assert example.main(["--dataset", text_glob, "--output-dir", out, *TINY]) == 3
+    err = capsys.readouterr().err
+    checkpoint = os.path.join(out, "checkpoint.keras")
+    assert "the training loss is nan at optimizer step 5 of 6, in stage 3 (of 0 to 3)" in err
+    assert f"The last checkpoint, {checkpoint}, holds step 3: `--resume {out}`" in err
+    assert "--learning-rate" in err
+    # One save, at step 3; nothing written after the loss became NaN.
+    assert saves == [file_state(checkpoint)]
+    assert [row["step"] for row in read_curve(out)] == [3]
+    assert sorted(os.listdir(out)) == ["checkpoint.keras", "loss_curve.csv", "options.json"]
 
 
 @pytest.mark.parametrize("method", ["pld", "stochastic-depth"])
@@ -225,6 +326,67 @@ def test_bad_inputs_exit_with_a_message(example, text_glob, tmp_path, capsys, ex
     argv = ["--dataset", text_glob, "--output-dir", str(tmp_path / "o"), *TINY, *extra]
     assert example.main(argv) == 2
     assert message in capsys.readouterr().err
+    # Found before the first write: no run folder.
+    assert not os.path.exists(tmp_path / "o")
+
+
+def damage(whole, directory, how):
+    """A copy of the run `whole` in `directory`, damaged as `how` says."""
+    os.makedirs(directory)
+    names = {"options.json", "checkpoint.keras", "loss_curve.csv"}
+    if how == "no options.json":
+        names.remove("options.json")
+    for name in names:
+        with open(os.path.join(whole, name), "rb") as f:
+            data = f.read()
+        if name == "checkpoint.keras" and how == "truncated checkpoint":
+            data = data[: len(data) // 2]
+        if name == "checkpoint.keras" and how == "corrupted checkpoint":
+            # 64 bytes in the middle of the weights flipped: a checksum fails.
+            middle = len(data) // 2
+            flipped = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+            data = data[:middle] + flipped + data[middle + 64 :]
+        if name == "options.json" and how == "corrupted options.json":
+            data = data[:40]
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("NUL bytes", "blob.txt' is not a text file (it has a NUL byte at offset 3)"),
+        ("not UTF-8", "blob.txt' is not UTF-8 text (1024 of its 1024 characters"),
+        ("truncated checkpoint", "checkpoint.keras cannot be read (it is not a whole zip"),
+        ("corrupted checkpoint", "(its member model.weights.h5 fails its checksum)"),
+        ("no options.json", "no run there (no options.json); pass the folder of an earlier run"),
+        ("corrupted options.json", "options.json cannot be read (Expecting"),
+    ],
+)
+def test_hostile_inputs_exit_with_a_message_and_write_nothing(
+    example, text_glob, whole_run, tmp_path, capsys, how, message
+):
+    whole, _ = whole_run
+    out = tmp_path / "out"
+    if how in ("NUL bytes", "not UTF-8"):
+        texts = tmp_path / "texts"
+        texts.mkdir()
+        for path in glob.glob(text_glob):
+            (texts / os.path.basename(path)).write_text(open(path).read())
+        blob = b"abc\0" * 256 if how == "NUL bytes" else bytes(range(128, 256)) * 8
+        (texts / "blob.txt").write_bytes(blob)
+        argv = ["--dataset", str(texts / "*.txt"), "--output-dir", str(out), *TINY]
+        assert example.main(argv) == 2
+        assert not os.path.exists(out)
+    else:
+        damage(whole, out, how)
+        before = {name: file_state(out / name) for name in os.listdir(out)}
+        assert example.main(["--resume", str(out)]) == 2
+        assert {name: file_state(out / name) for name in os.listdir(out)} == before
+    err = capsys.readouterr().err
+    assert message in err
+    if how.endswith("checkpoint"):
+        assert f"delete it to train again from step 0 with --resume {out}" in err
 
 
 def test_empty_or_missing_corpus(example, tmp_path, capsys):
@@ -246,13 +408,22 @@ def test_empty_or_missing_corpus(example, tmp_path, capsys):
     [
         (["--method", "dropout"], "unknown --method 'dropout'"),
         (["--steps", "6", "--warmup-steps", "6"], "--warmup-steps must be at least 0 and less than --steps (6)"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--steps", "-5"], "--steps must be at least 1, got -5"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--eval-every", "-1"], "--eval-every must be at least 1, got -1"),
+        (["--steps", str(10**12)], f"--steps must be at most {2**31 - 1}"),
+        # Allowed by the step counter, but its batches would not fit in memory.
+        (["--steps", str(2**31 - 1)], "the example makes every batch before training"),
+        (["--learning-rate", "nan"], "--learning-rate must be a positive number, got nan"),
     ],
 )
-def test_usage_errors(example, capsys, argv, message):
+def test_usage_errors(example, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
-        example.main(argv)
+        example.main([*argv, "--output-dir", str(tmp_path / "o")])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_distribute_is_refused_on_torch(example, tmp_path, capsys):
