@@ -24,9 +24,16 @@ drawn on-path block's forward pass in the backward pass
 not a measurement.
 """
 
+import numbers
+
 import keras
 
+from keras_raptr import schedules
+from keras_raptr.callbacks.gradual_stacking import GradualStacking
 from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.callbacks.progressive_layer_drop import ProgressiveLayerDrop
+from keras_raptr.callbacks.stage_schedule import StageSchedule
+from keras_raptr.callbacks.stochastic_depth import StochasticDepth
 from keras_raptr.models.random_part_model import RandomPartModel
 
 
@@ -76,6 +83,50 @@ def expected_step_flops(flops, strategy, step):
     return flops["other"] + sum(k * f for k, f in zip(keep, flops["blocks"]))
 
 
+def expected_run_flops(flops, strategy, steps):
+    """Expected FLOPs of steps `0 .. steps - 1` under `strategy` (`None`: full).
+
+    The sum of `expected_step_flops` over the steps, in closed form for the
+    strategies of this library (their keep probabilities are constant over
+    each stage, or, for PLD, a geometric sum), step by step for others.
+    """
+    num_blocks = len(flops["blocks"])
+    if strategy is None:
+        return float(steps * flops["total"])
+    kept = _kept_steps(strategy, num_blocks, steps)
+    return float(
+        steps * flops["other"] + sum(k * f for k, f in zip(kept, flops["blocks"]))
+    )
+
+
+def _kept_steps(strategy, num_blocks, steps):
+    """Per block, the sum of its keep probabilities over steps `0 .. steps - 1`."""
+    if steps == 0:
+        return [0.0] * num_blocks
+    if isinstance(strategy, (StageSchedule, GradualStacking)):
+        kept = [0.0] * num_blocks
+        begin = 0
+        for end in schedules.stage_boundaries(strategy.stages) + [steps]:
+            end = min(end, steps)
+            if end > begin:
+                keep = strategy.keep_probabilities_at(begin, num_blocks)
+                kept = [total + (end - begin) * k for total, k in zip(kept, keep)]
+                begin = end
+        return kept
+    if isinstance(strategy, StochasticDepth):
+        return [steps * k for k in strategy.keep_probabilities_at(0, num_blocks)]
+    if isinstance(strategy, ProgressiveLayerDrop):
+        # keep_i(t) = 1 - (i / L)(1 - theta_bar)(1 - e^(-gamma t)).
+        decay = steps * schedules._mean_decay(strategy.gamma, steps)
+        dropped = (1.0 - strategy.theta_bar) * (steps - decay)
+        return [steps - (i / num_blocks) * dropped for i in range(1, num_blocks + 1)]
+    kept = [0.0] * num_blocks
+    for step in range(steps):
+        keep = strategy.keep_probabilities_at(step, num_blocks)
+        kept = [total + k for total, k in zip(kept, keep)]
+    return kept
+
+
 def estimate_train_flops(
     model, batch_size, sequence_length=None, strategy=None, steps=None
 ):
@@ -87,11 +138,17 @@ def estimate_train_flops(
         strategy: a `StageSchedule`, `ProgressiveLayerDrop`,
             `StochasticDepth` or `GradualStacking`, or `None` (the full
             network at every step).
-        steps: int, steps from step 0; defaults to the strategy's
-            `total_steps`.
+        steps: int, steps from step 0, from 0 to `2**31 - 1`; defaults
+            to the strategy's `total_steps`. Computed in closed form for
+            the strategies of this library, step by step for others.
 
     Returns:
         float, FLOPs (blocks, embeddings and heads).
+
+    Raises:
+        ValueError: for a `strategy` that is not a strategy, a missing,
+            negative, non-integer or too large `steps`, or a strategy that
+            does not fit the model's blocks.
     """
     if strategy is not None and not isinstance(strategy, PathStrategy):
         raise ValueError(
@@ -105,10 +162,11 @@ def estimate_train_flops(
             raise ValueError(
                 "Pass `steps=`: the strategy has no `total_steps` of its own."
             )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"`steps` must be an integer >= 0, got {steps!r}.")
+    steps = schedules.check_steps(steps, "steps", minimum=0)
     flops = train_flops_per_step(model, batch_size, sequence_length)
-    return float(sum(expected_step_flops(flops, strategy, t) for t in range(steps)))
+    if strategy is not None:
+        strategy.resolve(len(flops["blocks"]))
+    return expected_run_flops(flops, strategy, steps)
 
 
 class TrainFlops(keras.callbacks.Callback):
@@ -169,12 +227,7 @@ class TrainFlops(keras.callbacks.Callback):
         )
         self._strategy = model.schedule
         self._step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-        self.train_flops = float(
-            sum(
-                expected_step_flops(self._flops, self._strategy, t)
-                for t in range(self._step)
-            )
-        )
+        self.train_flops = expected_run_flops(self._flops, self._strategy, self._step)
 
     def on_train_batch_begin(self, batch, logs=None):
         steps = max(1, int(getattr(self._model, "steps_per_execution", 1) or 1))
@@ -201,17 +254,21 @@ class TrainFlops(keras.callbacks.Callback):
 
 
 def _check_sizes(batch_size, sequence_length):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
     if sequence_length is not None and (
         isinstance(sequence_length, bool)
-        or not isinstance(sequence_length, int)
+        or not isinstance(sequence_length, numbers.Integral)
         or sequence_length < 1
     ):
         raise ValueError(
             f"`sequence_length` must be an integer >= 1 or None, got {sequence_length!r}."
         )
-    return batch_size * (sequence_length or 1)
+    return int(batch_size) * int(sequence_length or 1)
 
 
 def _layer_flops(layer, tokens, sequence_length, seen):

@@ -14,6 +14,8 @@ bookkeeping and the compiled train step can never disagree.
 import dataclasses
 import math
 import numbers
+import operator
+import re
 
 SAMPLING_MODES = ("bernoulli", "subset")
 SCALING_MODES = ("none", "inverse")
@@ -23,6 +25,71 @@ SCALING_MODES = ("none", "inverse")
 # masks the block's output would (moments decay, weight decay applies,
 # momentum keeps moving it), at the cost of its update.
 OFF_PATH_UPDATES = ("skip", "zero_grad")
+# The most optimizer steps a schedule can count: the compiled train step
+# compares the optimizer's step count with the stage boundaries as int32.
+MAX_STEPS = 2**31 - 1
+# A path length in a spec: a plain decimal number ("6", "6.5", ".5").
+_SPEC_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def check_steps(value, name, minimum=1):
+    """`value` as an int in `[minimum, MAX_STEPS]`, or a `ValueError` naming it.
+
+    Bools and floats (even integral ones, such as `3.0`) are refused; numpy
+    integers are accepted.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"`{name}` must be an integer number of optimizer steps, got "
+            f"{name}={value!r} ({type(value).__name__}). Pass an int, e.g. "
+            f"`int({name})`."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be at least {minimum}, got {name}={value!r}."
+        )
+    if value > MAX_STEPS:
+        raise ValueError(
+            f"`{name}` must be at most {MAX_STEPS} (2**31 - 1), got {name}={value!r}: "
+            "the compiled train step compares the optimizer's step count as a "
+            "32-bit integer. Use fewer steps."
+        )
+    return int(value)
+
+
+def check_step(step):
+    """An optimizer step (an integer >= 0) as an int, or a `ValueError`."""
+    if not isinstance(step, bool):
+        try:
+            index = operator.index(step)
+        except (TypeError, AttributeError):
+            index = None
+            # A scalar tensor or variable of an integer dtype, such as
+            # `model.optimizer.iterations`.
+            if "int" in str(getattr(step, "dtype", "")):
+                try:
+                    index = int(step)
+                except (TypeError, ValueError):
+                    index = None
+        if index is not None and index >= 0:
+            return index
+    raise ValueError(
+        f"`step` must be an optimizer step, an integer >= 0, got step={step!r}."
+    )
+
+
+def check_num_blocks(num_blocks):
+    """`num_blocks` as a positive int, or a `ValueError` naming it."""
+    if (
+        isinstance(num_blocks, bool)
+        or not isinstance(num_blocks, numbers.Integral)
+        or num_blocks < 1
+    ):
+        raise ValueError(
+            "`num_blocks` must be a positive integer, the model's number of "
+            f"blocks (`len(model.blocks)`), got num_blocks={num_blocks!r}."
+        )
+    return int(num_blocks)
 
 
 def check_off_path_update(off_path_update):
@@ -48,8 +115,9 @@ class Stage:
         path_length: float. The expected number of residual blocks on the
             path during this stage, fixed blocks included. Need not be an
             integer with `sampling="bernoulli"`.
-        steps: int. How many optimizer steps the stage lasts. Must be
-            positive.
+        steps: int. How many optimizer steps the stage lasts, from 1 to
+            `2**31 - 1` (the compiled train step counts steps as 32-bit
+            integers). Floats, even integral ones, are refused.
 
     Example:
 
@@ -85,6 +153,7 @@ class Stage:
                 "`Stage.steps` must be a positive integer number of optimizer "
                 f"steps, got steps={self.steps!r}."
             )
+        check_steps(self.steps, "Stage.steps")
         object.__setattr__(self, "path_length", float(self.path_length))
         object.__setattr__(self, "steps", int(self.steps))
 
@@ -106,6 +175,14 @@ def stage_list(stages):
             raise ValueError(
                 f"`stages[{i}]` must be a `keras_raptr.Stage`, got {stage!r}."
             )
+    total = sum(stage.steps for stage in stages)
+    if total > MAX_STEPS:
+        raise ValueError(
+            f"The stages last {total} optimizer steps in all, more than "
+            f"{MAX_STEPS} (2**31 - 1): the compiled train step compares the "
+            "optimizer's step count with the stage boundaries as 32-bit "
+            "integers. Use fewer steps."
+        )
     return stages
 
 
@@ -122,10 +199,13 @@ def parse_spec(spec, total_steps, stage_lengths=None):
     the last stage the rest). `(0.2, 0.2, 0.2, 0.4)` with 1000 steps gives
     stages of 200, 200, 200 and 400 steps.
 
+    Path lengths are plain decimal numbers (`"6"`, `"6.5"`); whitespace
+    around them is ignored. They need not grow from stage to stage.
+
     Args:
         spec: str, path lengths separated by `-`, e.g. `"6-8-10-12"`.
         total_steps: int, the number of optimizer steps of the whole schedule.
-            Must be at least the number of stages.
+            Must be at least the number of stages and at most `2**31 - 1`.
         stage_lengths: optional sequence, one entry per stage: ints (steps)
             or floats (fractions). `None` splits the steps equally.
 
@@ -137,18 +217,26 @@ def parse_spec(spec, total_steps, stage_lengths=None):
             "A schedule spec must be a string of path lengths joined by '-', "
             f"such as '6-8-10-12'; got {spec!r}."
         )
-    parts = spec.strip().split("-")
+    if not spec.strip():
+        raise ValueError(
+            f"The schedule spec {spec!r} is empty. Write positive path lengths "
+            "joined by '-', such as '6-8-10-12'."
+        )
     lengths = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value <= 0:
+    for i, part in enumerate(spec.strip().split("-")):
+        text = part.strip()
+        if not text:
             raise ValueError(
-                f"Could not parse the schedule spec {spec!r}: {part.strip()!r} "
-                "is not a positive number. Write positive path lengths joined "
-                "by '-', such as '6-8-10-12'."
+                f"Could not parse the schedule spec {spec!r}: stage {i} is empty "
+                "(a '-' at an end, or two in a row). Path lengths are positive "
+                "and '-' only separates them: write e.g. '6-8-10-12'."
+            )
+        value = float(text) if _SPEC_NUMBER.fullmatch(text) else None
+        if value is None or value <= 0:
+            raise ValueError(
+                f"Could not parse the schedule spec {spec!r}: {text!r} is not a "
+                "positive number. Write positive path lengths (plain decimals) "
+                "joined by '-', such as '6-8-10-12'."
             )
         lengths.append(value)
     if (
@@ -160,6 +248,7 @@ def parse_spec(spec, total_steps, stage_lengths=None):
             f"`total_steps` must be an integer of at least {len(lengths)} (one "
             f"step per stage of {spec!r}), got total_steps={total_steps!r}."
         )
+    check_steps(total_steps, "total_steps")
     if stage_lengths is None:
         per_stage = int(total_steps) // len(lengths)
         steps = [per_stage] * len(lengths)
@@ -203,7 +292,7 @@ def _stage_steps(spec, num_stages, total_steps, stage_lengths):
             f"(sum {sum(values):.6g}). Or give integer steps that add up to "
             f"total_steps={total_steps}."
         )
-    steps = [math.floor(v * total_steps) for v in values[:-1]]
+    steps = [_floor_product(v, total_steps) for v in values[:-1]]
     steps.append(total_steps - sum(steps))
     if min(steps) < 1:
         raise ValueError(
@@ -211,6 +300,20 @@ def _stage_steps(spec, num_stages, total_steps, stage_lengths):
             f"stage with no step ({steps!r}); give every stage at least one step."
         )
     return steps
+
+
+def _floor_product(fraction, total):
+    """`floor(fraction * total)`, exact where the product is an integer.
+
+    The float product can fall an ulp short of an integer (`0.29 * 100` is
+    `28.999999999999996`): within a relative 1e-12 of an integer, it is that
+    integer.
+    """
+    product = fraction * total
+    nearest = round(product)
+    if abs(product - nearest) <= 1e-12 * max(1.0, abs(product)):
+        return int(nearest)
+    return math.floor(product)
 
 
 def stage_boundaries(stages):
@@ -279,6 +382,36 @@ def compute_fraction(stages, num_blocks, sampling="bernoulli"):
     return used / (num_blocks * total)
 
 
+def check_fixed_blocks(fixed_blocks):
+    """`fixed_blocks` as a tuple of distinct integers (ranges are not checked).
+
+    Raises a `ValueError` for a non-sequence, a non-integer index or an index
+    listed twice; negative indices are resolved against a model's block count
+    by `normalize_fixed_blocks`.
+    """
+    if isinstance(fixed_blocks, (str, bytes, numbers.Number)) or not hasattr(
+        fixed_blocks, "__iter__"
+    ):
+        raise ValueError(
+            "`fixed_blocks` must be a tuple of block indices, got "
+            f"{fixed_blocks!r}; use e.g. (0, -1) or ()."
+        )
+    fixed_blocks = tuple(fixed_blocks)
+    for index in fixed_blocks:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(
+                f"`fixed_blocks` must hold integer block indices, got {index!r} "
+                f"in fixed_blocks={fixed_blocks!r}."
+            )
+    fixed_blocks = tuple(int(index) for index in fixed_blocks)
+    if len(set(fixed_blocks)) != len(fixed_blocks):
+        raise ValueError(
+            f"`fixed_blocks={fixed_blocks!r}` lists the same block index twice. "
+            "List each block once."
+        )
+    return fixed_blocks
+
+
 def normalize_fixed_blocks(fixed_blocks, num_blocks):
     """Resolves negative indices and checks that each is in range.
 
@@ -299,12 +432,36 @@ def normalize_fixed_blocks(fixed_blocks, num_blocks):
             )
         resolved.append(int(index) % num_blocks)
     if len(set(resolved)) != len(resolved):
+        hint = (
+            " A model of one block has one block to fix: pass "
+            "`fixed_blocks=(0,)` (the default (0, -1) names it twice)."
+            if num_blocks == 1
+            else ""
+        )
         raise ValueError(
             f"`fixed_blocks={tuple(fixed_blocks)!r}` names the same block twice "
             f"on a model with {num_blocks} blocks (indices resolve to "
-            f"{resolved}). List each block once."
+            f"{resolved}). List each block once.{hint}"
         )
     return tuple(sorted(resolved))
+
+
+def check_subset_lengths(stages):
+    """Raises a `ValueError` unless every path length is a whole number.
+
+    `sampling="subset"` runs exactly `path_length` blocks at every step, so a
+    fractional path length would be rounded without a word.
+    """
+    for i, stage in enumerate(stages):
+        length = stage.path_length
+        if length != math.floor(length):
+            raise ValueError(
+                f"Stage {i} has path_length={length:g}, but `sampling='subset'` "
+                "runs a whole number of blocks at every step. Use "
+                f"path_length={math.floor(length)} or {math.ceil(length)}, or "
+                f"`sampling='bernoulli'`, which runs {length:g} blocks in "
+                "expectation."
+            )
 
 
 def check_stages(stages, num_blocks, num_fixed):
@@ -354,7 +511,19 @@ def pld_compute_fraction(theta_bar, gamma, num_blocks, total_steps):
 def pld_theta_bar_for(fraction, gamma, num_blocks, total_steps):
     """The `θ̄` at which PLD's compute fraction over `total_steps` is `fraction`."""
     c = (num_blocks + 1) / (2 * num_blocks)
-    theta_bar = 1.0 - (1.0 - fraction) / (c * (1.0 - _mean_decay(gamma, total_steps)))
+    # The share of the steps' keep probability that `θ̄` decides: 0 when
+    # `θ(t)` stays at 1 over the steps (gamma 0, or too small to move it).
+    decided = c * (1.0 - _mean_decay(gamma, total_steps))
+    if decided > 0.0:
+        theta_bar = 1.0 - (1.0 - fraction) / decided
+        # The ends of the range, as `pld_compute_fraction` gives them, may
+        # come back just outside [0, 1]: `1 - fraction` is known to an ulp
+        # of 1, which the division by `decided` magnifies.
+        tolerance = 1e-12 + 1e-15 / decided
+        if -tolerance < theta_bar < 0.0 or 1.0 < theta_bar < 1.0 + tolerance:
+            theta_bar = min(1.0, max(0.0, theta_bar))
+    else:
+        theta_bar = 1.0 if fraction >= 1.0 else -1.0
     if not 0.0 <= theta_bar <= 1.0:
         lowest = pld_compute_fraction(0.0, gamma, num_blocks, total_steps)
         raise ValueError(
@@ -389,9 +558,10 @@ def stochastic_depth_keep_prob_for(fraction, num_blocks, distribution):
 
 
 def _mean_decay(gamma, total_steps):
-    """The mean of `e^(-γ t)` over `t = 0 .. total_steps - 1`."""
-    if gamma == 0:
+    """The mean of `e^(-γ t)` over `t = 0 .. total_steps - 1`.
+
+    `expm1` keeps a tiny `γ` (1e-20) from dividing zero by zero.
+    """
+    if gamma == 0 or total_steps <= 1:
         return 1.0
-    return (1.0 - math.exp(-gamma * total_steps)) / (
-        total_steps * (1.0 - math.exp(-gamma))
-    )
+    return math.expm1(-gamma * total_steps) / (total_steps * math.expm1(-gamma))

@@ -1,6 +1,8 @@
 """keras-hub presets and tasks: BERT, GPT-2, Llama and Gemma, offline."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 import keras_raptr
 from hub_models import BUILDERS
 from hub_models import TEXTS
+from hub_models import bert_backbone
 from hub_models import task_weights
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -213,3 +216,92 @@ def test_save_to_preset_of_a_plain_model_is_an_error(tmp_path):
     model = keras_raptr.RandomPartModel(plain, blocks=[block])
     with pytest.raises(ValueError, match="not a keras-hub backbone or task"):
         model.save_to_preset(os.path.join(tmp_path, "p"))
+
+
+@pytest.fixture(scope="module")
+def bert_preset(tmp_path_factory):
+    """A tiny BERT backbone preset, saved once for the tests that damage it."""
+    source = str(tmp_path_factory.mktemp("bert") / "preset")
+    bert_backbone().save_to_preset(source)
+    return source
+
+
+def _damage(source, target, damage):
+    shutil.copytree(source, target)
+    config = os.path.join(target, "config.json")
+    if damage == "no_config":
+        os.remove(config)
+    elif damage == "empty":
+        shutil.rmtree(target)
+        os.mkdir(target)
+    elif damage == "malformed":
+        with open(config) as file:
+            text = file.read()
+        with open(config, "w") as file:
+            file.write(text[: len(text) // 2])
+    elif damage == "a_list":
+        with open(config, "w") as file:
+            file.write("[1, 2]")
+    elif damage == "unknown_class":
+        with open(config) as file:
+            data = json.load(file)
+        data["registered_name"] = "keras_hub>NoSuchBackbone"
+        data["class_name"] = "NoSuchBackbone"
+        with open(config, "w") as file:
+            json.dump(data, file)
+    return config
+
+
+class TestDamagedPresetDirectory:
+    """Local preset directories that keras-hub cannot load, refused early."""
+
+    @pytest.fixture(autouse=True)
+    def _clear_session(self):
+        # The checks fail before any model is built: no Keras state to clear.
+        yield
+
+    @pytest.mark.parametrize(
+        "damage, error, match",
+        [
+            (
+                "empty",
+                FileNotFoundError,
+                "The preset directory '.*' has no config.json \\(it is empty\\)"
+                ".*'.*config.json' is missing.*save_to_preset",
+            ),
+            (
+                "no_config",
+                FileNotFoundError,
+                "has no config.json \\(it holds metadata.json, model.weights.h5\\)",
+            ),
+            (
+                "malformed",
+                ValueError,
+                "The preset's '.*config.json' is not valid JSON \\(.*line 1.*\\).*save the preset "
+                "again",
+            ),
+            (
+                "a_list",
+                ValueError,
+                "The preset's '.*config.json' holds a JSON list, not the object",
+            ),
+            (
+                "unknown_class",
+                ValueError,
+                "The preset's '.*config.json' names the class 'keras_hub>NoSuchBackbone', which no "
+                "installed library registers",
+            ),
+        ],
+    )
+    def test_names_the_file(self, bert_preset, tmp_path, damage, error, match):
+        target = str(tmp_path / "damaged")
+        config = _damage(bert_preset, target, damage)
+        for task in (None, "BertMaskedLM"):
+            with pytest.raises(error, match=match) as info:
+                keras_raptr.RandomPartModel.from_preset(target, task=task)
+            assert config in str(info.value)
+
+    def test_a_file_is_not_a_preset_directory(self, bert_preset):
+        config = os.path.join(bert_preset, "config.json")
+        with pytest.raises(NotADirectoryError, match="is a file, not a preset directory"):
+            keras_raptr.RandomPartModel.from_preset(config)

@@ -57,3 +57,104 @@ def test_shape_changing_block_is_an_error():
     with pytest.raises(ValueError, match="block 'narrowing' to return a tensor of its input's shape"):
         keras_raptr.RandomPartModel(inner, blocks=[bad], seed=0)
 
+
+
+class Narrowing(keras.layers.Layer):
+    """Not residual: 16 features in, 12 out."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(12)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+class ToHalf(keras.layers.Layer):
+    """Not residual: the input's shape, but float16."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(16)
+
+    def call(self, x):
+        return ops.cast(x + self.dense(x), "float16")
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["on_path", "off_path"])
+@pytest.mark.parametrize(
+    "block, match",
+    [
+        (
+            Narrowing,
+            "block 'bad' to return a tensor of its input's shape.*Input shape: \\(4, 16\\), "
+            "output: \\(4, 12\\)\\. Wrap only residual blocks",
+        ),
+        (
+            ToHalf,
+            "block 'bad' to return its input's dtype.*input: float32, output: float16\\. Wrap "
+            "only residual blocks, or cast",
+        ),
+    ],
+    ids=["shape", "dtype"],
+)
+def test_a_gated_block_that_is_not_residual_is_an_error(block, match, on):
+    if not on and keras.backend.backend() != "torch":
+        pytest.skip(
+            "JAX and TensorFlow check a block when a step traces it on the path"
+        )
+    skip = keras_raptr.layers.RandomSkip(block(name="bad"))
+    x = np.ones((4, 16), "float32")
+    skip.block(x)  # Built outside a step: the block runs, unchecked.
+    # What a training step sets: a path known on the host (PyTorch, a static
+    # path, a gathered position). Off the path, PyTorch traces the block
+    # symbolically, once per input shape, so the first step fails.
+    skip._gate = (on, None)
+    try:
+        with pytest.raises(ValueError, match=match):
+            skip.block(x)
+    finally:
+        skip._gate = None
+
+
+class TwoWidths(keras.Model):
+    """A subclassed model that pads a narrowed output back to 16 features."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = keras.layers.Dense(16)
+        self.body = [
+            ResidualBlock(16, name="first"),
+            Narrowing(name="narrowing"),
+            ResidualBlock(16, name="third"),
+            ResidualBlock(16, name="last"),
+        ]
+        self.head = keras.layers.Dense(1)
+
+    def call(self, x):
+        x = self.stem(x)
+        for block in self.body:
+            x = block(x)
+            if x.shape[-1] != 16:
+                x = ops.pad(x, [[0, 0], [0, 16 - x.shape[-1]]])
+        return self.head(x)
+
+
+def test_a_block_that_is_not_residual_fails_fit_before_any_step():
+    keras.utils.set_random_seed(0)
+    inner = TwoWidths()
+    x = np.ones((16, 8), "float32")
+    y = np.ones((16, 1), "float32")
+    inner(x[:2])
+    # Not a Functional model: nothing to check when wrapped.
+    model = keras_raptr.RandomPartModel(inner, blocks=inner.body, seed=0)
+    model.compile(optimizer="sgd", loss="mse")
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(3, 2), keras_raptr.Stage(4, 2)], sampling="subset"
+    )
+    match = "block 'narrowing' to return a tensor of its input's shape.*output: \\(8, 12\\)"
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[schedule], verbose=0)
+    if keras.backend.backend() != "jax":
+        # On JAX the failed trace leaves `fit`'s state behind, unreadable.
+        assert int(model.optimizer.iterations) == 0

@@ -1,4 +1,5 @@
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -144,12 +145,160 @@ def test_bad_arguments(kwargs, match):
         keras_raptr.StageSchedule(**kwargs)
 
 
+class TestBadInputsOnTheHost:
+    """Hostile inputs refused before `fit`, or at `fit` before any step."""
+
+    @pytest.fixture(autouse=True)
+    def _clear_session(self):
+        # Nothing here builds a Keras object: no Keras state to clear.
+        yield
+
+    STAGE = keras_raptr.Stage(2, 3)
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            (
+                dict(fixed_blocks=(0, 0)),
+                "`fixed_blocks=\\(0, 0\\)` lists the same block index twice",
+            ),
+            (dict(fixed_blocks="01"), "`fixed_blocks` must be a tuple of block indices, got '01'"),
+            (dict(fixed_blocks=None), "`fixed_blocks` must be a tuple of block indices, got None"),
+            (dict(fixed_blocks=1.5), "`fixed_blocks` must be a tuple"),
+            (
+                dict(fixed_blocks=(0, 1.0)),
+                "integer block indices, got 1.0 in fixed_blocks=\\(0, 1.0\\)",
+            ),
+            (dict(fixed_blocks=(0, True)), "integer block indices, got True"),
+            (dict(fixed_blocks=(0, "1")), "integer block indices, got '1'"),
+            (
+                dict(stages=[keras_raptr.Stage(2.5, 3)], sampling="subset"),
+                "Stage 0 has path_length=2.5, but `sampling='subset'` runs a whole number of "
+                "blocks.*path_length=2 or 3",
+            ),
+            (
+                dict(
+                    stages=[keras_raptr.Stage(4, 3), keras_raptr.Stage(5.0001, 3)],
+                    sampling="subset",
+                ),
+                "Stage 1 has path_length=5.0001",
+            ),
+            (
+                dict(stages=[keras_raptr.Stage(2, 2**30), keras_raptr.Stage(4, 2**30)]),
+                "last 2147483648 optimizer steps in all, more than 2147483647",
+            ),
+            (
+                dict(stages=[{"path_length": 2, "steps": 0}]),
+                "`Stage.steps` must be a positive integer",
+            ),
+        ],
+    )
+    def test_refused_at_construction(self, kwargs, match):
+        kwargs = {"stages": [self.STAGE], **kwargs}
+        with pytest.raises(ValueError, match=match):
+            keras_raptr.StageSchedule(**kwargs)
+
+    @pytest.mark.parametrize(
+        "spec, kwargs, match",
+        [
+            ("", dict(total_steps=10), "The schedule spec '' is empty"),
+            ("6--8", dict(total_steps=10), "stage 1 is empty"),
+            ("a-b", dict(total_steps=10), "'a' is not a positive number"),
+            ("2-4", dict(total_steps=0), "got total_steps=0"),
+            ("2-4", dict(total_steps=-10), "got total_steps=-10"),
+            ("2-4", dict(total_steps=10.0), "got total_steps=10.0"),
+            ("2-4", dict(total_steps=True), "got total_steps=True"),
+            ("2-4", dict(total_steps=2**31), "at most 2147483647"),
+            ("2-4", dict(total_steps=10, stage_lengths=(3, 8)), "must add up to total_steps=10"),
+            ("2-4", dict(total_steps=10, stage_lengths=(True, 9)), "must be positive numbers"),
+            ("2.5-4", dict(total_steps=10, sampling="subset"), "Stage 0 has path_length=2.5"),
+            (
+                "2-4",
+                dict(total_steps=10, fixed_blocks=(-1, -1)),
+                "lists the same block index twice",
+            ),
+        ],
+    )
+    def test_refused_by_from_spec(self, spec, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            keras_raptr.StageSchedule.from_spec(spec, **kwargs)
+
+    def test_accepted_edge_values(self):
+        # An integral float is a whole path length for `subset`; path
+        # lengths need not grow; numpy integers index blocks.
+        subset = keras_raptr.StageSchedule([keras_raptr.Stage(3.0, 2)], sampling="subset")
+        assert subset.compute_fraction(4) == 0.75
+        shrinking = keras_raptr.StageSchedule.from_spec("4-2", total_steps=4)
+        assert [shrinking.path_length_at(t, 4) for t in range(5)] == [4, 4, 2, 2, 4]
+        fixed = keras_raptr.StageSchedule([self.STAGE], fixed_blocks=(np.int64(0),))
+        assert fixed.resolve(4).fixed_blocks == (0,)
+        assert fixed.get_config()["fixed_blocks"] == [0]
+        assert keras_raptr.StageSchedule([keras_raptr.Stage(2, 2**31 - 1)]).total_steps == 2**31 - 1
+
+    @pytest.mark.parametrize(
+        "kwargs, num_blocks, match",
+        [
+            (
+                dict(fixed_blocks=(0, -4)),
+                4,
+                "`fixed_blocks=\\(0, -4\\)` names the same block twice on a model with 4 blocks "
+                "\\(indices resolve to \\[0, 0\\]\\)",
+            ),
+            (
+                dict(fixed_blocks=(0, 4)),
+                4,
+                "`fixed_blocks` index 4 is out of range for a model with 4 blocks: use indices in "
+                "\\[-4, 3\\]",
+            ),
+            (dict(fixed_blocks=(-5,)), 4, "index -5 is out of range"),
+            (dict(), 1, "names the same block twice.*pass `fixed_blocks=\\(0,\\)`"),
+            (
+                dict(stages=[keras_raptr.Stage(4.5, 3)]),
+                4,
+                "Stage 0 has path_length=4.5, more than the model's 4 blocks",
+            ),
+            (dict(stages=[keras_raptr.Stage(1e300, 3)]), 4, "more than the model's 4 blocks"),
+            (dict(stages=[keras_raptr.Stage(1.5, 3)]), 4, "fewer than the 2 fixed blocks"),
+            (dict(), 0, "`num_blocks` must be a positive integer.*got num_blocks=0"),
+            (dict(), 4.0, "got num_blocks=4.0"),
+            (dict(), True, "got num_blocks=True"),
+        ],
+    )
+    def test_refused_for_a_model(self, kwargs, num_blocks, match):
+        schedule = keras_raptr.StageSchedule(**{"stages": [self.STAGE], **kwargs})
+        for query in (
+            schedule.resolve,
+            schedule.compute_fraction,
+            lambda n: schedule.keep_probabilities_at(0, n),
+        ):
+            with pytest.raises(ValueError, match=match):
+                query(num_blocks)
+
+    @pytest.mark.parametrize("step", [-1, 2.5, 3.0, float("nan"), True, None, "3"])
+    def test_bad_steps_of_the_host_queries(self, step):
+        schedule = keras_raptr.StageSchedule([self.STAGE])
+        for query in (
+            schedule.stage_at,
+            lambda t: schedule.path_length_at(t, 4),
+            lambda t: schedule.keep_probabilities_at(t, 4),
+        ):
+            match = "`step` must be an optimizer step, an integer >= 0"
+            with pytest.raises(ValueError, match=match):
+                query(step)
+        # Integer scalars of any kind are steps.
+        assert schedule.stage_at(np.int64(3)) == schedule.stage_at(np.array(3)) == 1
+
+
 @pytest.mark.parametrize(
     "schedule, match",
     [
         (keras_raptr.StageSchedule([keras_raptr.Stage(7, 3)]), "more than the model's 6 blocks"),
         (keras_raptr.StageSchedule([keras_raptr.Stage(1, 3)]), "fewer than the 2 fixed blocks"),
         (keras_raptr.StageSchedule([keras_raptr.Stage(3, 3)], fixed_blocks=(0, 6)), "index 6 is out of range"),
+        (
+            keras_raptr.StageSchedule([keras_raptr.Stage(3, 3)], fixed_blocks=(0, -6)),
+            "names the same block twice on a model with 6 blocks",
+        ),
     ],
 )
 def test_schedule_that_does_not_fit_the_model_fails_before_any_step(schedule, match):
@@ -185,3 +334,27 @@ def test_stage_is_exact_with_several_steps_per_execution():
     # steps 1, 3, ..., 13 and the lone step 14.
     assert [int(l["stage"]) for l in logs.batches] == [0, 0, 1, 1, 1, 2, 2, 2]
     assert int(model.optimizer.iterations) == 15
+
+
+@pytest.mark.parametrize("damage", ["truncated", "weights_truncated"])
+def test_a_damaged_keras_file_is_refused_not_loaded(tmp_path, damage):
+    # What Keras says is its own (a truncated archive reads as "File not
+    # found"); what matters here is that nothing loads silently.
+    model = make_model(num_blocks=2)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    damaged = str(tmp_path / "damaged.keras")
+    if damage == "truncated":
+        with open(path, "rb") as file:
+            data = file.read()
+        with open(damaged, "wb") as file:
+            file.write(data[: len(data) // 2])
+    else:
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(damaged, "w") as target:
+            for name in source.namelist():
+                content = source.read(name)
+                if name.endswith(".weights.h5"):
+                    content = content[: len(content) // 2]
+                target.writestr(name, content)
+    with pytest.raises((ValueError, OSError, zipfile.BadZipFile)):
+        keras.saving.load_model(damaged)

@@ -110,7 +110,10 @@ def test_config_round_trips():
     "make, match",
     [
         (lambda: keras_raptr.ProgressiveLayerDrop(theta_bar=1.5), "`theta_bar` must be a number in \\[0, 1\\], got 1.5"),
-        (lambda: keras_raptr.ProgressiveLayerDrop(gamma=-1), "`gamma` must be a number >= 0, got -1"),
+        (
+            lambda: keras_raptr.ProgressiveLayerDrop(gamma=-1),
+            "`gamma` must be a number >= 0 and finite as a float32 \\(at most .*\\), got -1",
+        ),
         (lambda: keras_raptr.StochasticDepth(0), "`keep_prob` must be a number in \\(0, 1\\], got 0"),
         (lambda: keras_raptr.StochasticDepth(0.5, distribution="cubic"), "`distribution` must be one of \\('uniform', 'linear'\\), got 'cubic'"),
         (lambda: keras_raptr.StochasticDepth.from_compute_fraction(0.2, 12, "linear"), "cannot reach a compute fraction of 0.2 on 12 blocks"),
@@ -124,6 +127,191 @@ def test_config_round_trips():
 def test_bad_parameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+NAN = float("nan")
+INF = float("inf")
+PLD = keras_raptr.ProgressiveLayerDrop
+SD = keras_raptr.StochasticDepth
+GS = keras_raptr.GradualStacking
+
+
+class TestBadInputsOnTheHost:
+    """Hostile inputs to the peers of RaPTr, refused before `fit`."""
+
+    @pytest.fixture(autouse=True)
+    def _clear_session(self):
+        # Nothing here builds a Keras object: no Keras state to clear.
+        yield
+
+    @pytest.mark.parametrize(
+        "make, match",
+        [
+            (lambda: PLD(theta_bar=NAN), "`theta_bar` must be a number in \\[0, 1\\], got nan"),
+            (lambda: PLD(theta_bar=-0.1), "got -0.1"),
+            (lambda: PLD(theta_bar=True), "got True"),
+            (lambda: PLD(theta_bar="0.5"), "got '0.5'"),
+            (
+                lambda: PLD(gamma=NAN),
+                "`gamma` must be a number >= 0 and finite as a float32.*got nan",
+            ),
+            (lambda: PLD(gamma=INF), "got inf"),
+            (lambda: PLD(gamma=1e300), "got 1e\\+300"),
+            (lambda: PLD(gamma=False), "got False"),
+            (
+                lambda: PLD().compute_fraction(12, 0),
+                "`total_steps` must be at least 1, got total_steps=0",
+            ),
+            (lambda: PLD().compute_fraction(12, -3), "got total_steps=-3"),
+            (
+                lambda: PLD().compute_fraction(12, 2.5),
+                "`total_steps` must be an integer number of optimizer steps, got total_steps=2.5",
+            ),
+            (lambda: PLD().compute_fraction(12, 2**31), "`total_steps` must be at most 2147483647"),
+            (
+                lambda: PLD().compute_fraction(0, 100),
+                "`num_blocks` must be a positive integer.*got num_blocks=0",
+            ),
+            (
+                lambda: PLD().keep_probabilities_at(-1, 4),
+                "`step` must be an optimizer step, an integer >= 0, got step=-1",
+            ),
+            (lambda: PLD().theta_at(0.5), "got step=0.5"),
+            (
+                lambda: PLD.from_compute_fraction(NAN, 12, 100),
+                "`fraction` must be a number in \\(0, 1\\], got nan",
+            ),
+            (lambda: PLD.from_compute_fraction(0.8, 12, 0), "got total_steps=0"),
+            (
+                lambda: PLD.from_compute_fraction(0.8, 12, 100, gamma=NAN),
+                "`gamma` must be .*got nan",
+            ),
+            (
+                lambda: PLD.from_compute_fraction(0.8, 12, 100, gamma=0),
+                "cannot reach a compute fraction of 0.8 on 12 blocks over 100 steps with gamma=0: "
+                "it ranges from 1.000",
+            ),
+            (lambda: PLD.from_compute_fraction(0.8, 0, 100), "got num_blocks=0"),
+            (lambda: SD(NAN), "`keep_prob` must be a number in \\(0, 1\\], got nan"),
+            (lambda: SD(-0.5), "got -0.5"),
+            (lambda: SD(True), "got True"),
+            (lambda: SD(1.5), "got 1.5"),
+            (
+                lambda: SD.from_compute_fraction(NAN, 12),
+                "`fraction` must be a number in \\(0, 1\\], got nan",
+            ),
+            (lambda: SD.from_compute_fraction(0.0, 12), "got 0.0"),
+            (lambda: SD.from_compute_fraction(0.8, 0), "got num_blocks=0"),
+            (lambda: SD.from_compute_fraction(0.8, 2.5, "linear"), "got num_blocks=2.5"),
+            (lambda: SD.from_compute_fraction(0.8, 12, "cubic"), "`distribution` must be one of"),
+            (lambda: SD(0.5).compute_fraction(0), "got num_blocks=0"),
+            (lambda: SD(0.5).keep_probabilities_at(0, -1), "got num_blocks=-1"),
+            (lambda: SD(0.5).keep_probabilities_at(-1, 4), "got step=-1"),
+            (lambda: GS.from_spec("2-4", total_steps=0), "got total_steps=0"),
+            (lambda: GS.from_spec("2-4", total_steps=2**31), "at most 2147483647"),
+            (lambda: GS.from_spec("2-4", total_steps=4.0), "got total_steps=4.0"),
+            (lambda: GS.from_spec("2--4", total_steps=4), "stage 1 is empty"),
+            (
+                lambda: GS.from_spec("4-2", total_steps=4),
+                "depths must grow from stage to stage; stage 1 has 2 after 4",
+            ),
+            (lambda: GS.from_spec("2-2", total_steps=4), "stage 1 has 2 after 2"),
+            (lambda: GS.from_spec("0.5-2", total_steps=4), "Stage 0 has depth 0.5"),
+            (
+                lambda: GS([keras_raptr.Stage(2, 2**30), keras_raptr.Stage(4, 2**30)]),
+                "more than 2147483647",
+            ),
+            (lambda: GS([keras_raptr.Stage(2, 2)]).depth_at(-1, 4), "got step=-1"),
+            (lambda: GS([keras_raptr.Stage(2, 2)]).compute_fraction(0), "got num_blocks=0"),
+            (
+                lambda: GS([keras_raptr.Stage(2, 2)]).compute_fraction(1),
+                "stacks 2 blocks, more than the model's 1",
+            ),
+        ],
+    )
+    def test_refused(self, make, match):
+        with pytest.raises(ValueError, match=match):
+            make()
+
+    @pytest.mark.parametrize(
+        "theta_bar, gamma, num_blocks, total_steps",
+        [(0.0, 1.0, 2, 2), (0.0, 1e-6, 2, 2), (1.0, 0.5, 12, 100)],
+    )
+    def test_pld_reaches_the_ends_of_its_own_range(
+        self, theta_bar, gamma, num_blocks, total_steps
+    ):
+        # The fraction PLD reports at theta_bar 0 (or 1) solves back to it,
+        # not to a theta_bar an ulp outside [0, 1] and an error.
+        fraction = PLD(theta_bar, gamma).compute_fraction(num_blocks, total_steps)
+        again = PLD.from_compute_fraction(fraction, num_blocks, total_steps, gamma=gamma)
+        assert again.theta_bar == pytest.approx(theta_bar, abs=1e-6)
+
+    def test_accepted_edge_values(self):
+        # numpy numbers, gamma 0 or tiny, the largest step count.
+        pld = PLD(theta_bar=np.float32(0.5), gamma=np.float64(1e-20))
+        assert pld.compute_fraction(12, 100) == pytest.approx(1.0)
+        assert PLD(gamma=0).compute_fraction(12, 2**31 - 1) == 1.0
+        assert PLD.from_compute_fraction(1.0, 12, 100, gamma=0).theta_bar == 1.0
+        assert 0.5 < PLD(gamma=1e30).compute_fraction(12, 100) < 0.8
+        assert SD(np.float32(0.5)).keep_prob == 0.5
+        assert SD(1).keep_probabilities_at(np.int64(5), 2) == [1.0, 1.0]
+        assert GS.from_spec("2-4", total_steps=2**31 - 1).total_steps == 2**31 - 1
+
+
+@pytest.fixture(scope="module")
+def flops_model():
+    """One model for the FLOPs checks: they only read its weights' shapes."""
+    return make_model()
+
+
+class TestEstimateTrainFlopsBadSteps:
+    @pytest.fixture(autouse=True)
+    def _clear_session(self):
+        # Builds nothing: the module's model serves every case.
+        yield
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            (dict(steps=-1), "`steps` must be at least 0, got steps=-1"),
+            (
+                dict(steps=2.5),
+                "`steps` must be an integer number of optimizer steps, got steps=2.5",
+            ),
+            (dict(steps=10.0), "got steps=10.0"),
+            (dict(steps=True), "got steps=True"),
+            (
+                dict(steps=2**31),
+                "`steps` must be at most 2147483647 \\(2\\*\\*31 - 1\\), got steps=2147483648",
+            ),
+            (
+                dict(steps=10, strategy=keras_raptr.StageSchedule.from_spec("2-8", 10)),
+                "more than the model's 6 blocks",
+            ),
+        ],
+    )
+    def test_refused(self, flops_model, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            keras_raptr.estimate_train_flops(flops_model, batch_size=2, **kwargs)
+
+
+def test_estimate_train_flops_of_the_longest_run_is_computed_in_closed_form(flops_model):
+    model = flops_model
+    per_step = keras_raptr.train_flops_per_step(model, batch_size=2)
+    blocks = sum(per_step["blocks"])
+    steps = 2**31 - 1
+    for strategy, fraction in [
+        (None, 1.0),
+        (keras_raptr.StochasticDepth(0.5), 0.5),
+        (keras_raptr.ProgressiveLayerDrop(theta_bar=0.0, gamma=1.0), 1 - 7 / 12),
+        (keras_raptr.StageSchedule([keras_raptr.Stage(3, steps)], fixed_blocks=()), 0.5),
+        (keras_raptr.GradualStacking([keras_raptr.Stage(3, steps)]), 0.5),
+    ]:
+        total = keras_raptr.estimate_train_flops(
+            model, batch_size=2, strategy=strategy, steps=steps
+        )
+        expected = steps * (per_step["other"] + fraction * blocks)
+        assert total == pytest.approx(expected, rel=1e-6), strategy
 
 
 def test_two_strategies_in_one_fit_is_an_error():
@@ -264,6 +452,8 @@ def test_stacking_blocks_of_different_shapes_is_an_error():
     x_data, y_data = regression_data(n=8)
     with pytest.raises(ValueError, match="copies block 'narrow' into 'other'"):
         model.fit(x_data, y_data, batch_size=4, epochs=1, verbose=0, callbacks=[stacking])
+    # Checked when `fit` begins, not at the transition: no step ran.
+    assert int(model.optimizer.iterations) == 0
 
 
 def test_stacking_resumed_from_a_saved_model_stacks_at_the_boundary(tmp_path):

@@ -95,8 +95,9 @@ class GradualStacking(PathStrategy):
     carry `stage` and `path_length` (the prefix depth).
 
     Args:
-        stages: list of `keras_raptr.Stage`, with integer depths that grow
-            from stage to stage.
+        stages: list of `keras_raptr.Stage`, with whole-number depths that
+            grow strictly from stage to stage, lasting at most `2**31 - 1`
+            steps in all.
         off_path_update: `"skip"` (the default: the weights and optimizer
             state of a block beyond the stacked prefix stay as they are) or
             `"zero_grad"` (it is updated with a zero gradient, at the cost
@@ -113,6 +114,12 @@ class GradualStacking(PathStrategy):
     # With a RandomPartModel `model` of 12 blocks:
     # model.fit(data, epochs=..., callbacks=[stacking])
     ```
+
+    Errors: a `ValueError` naming the value, at construction for a
+    fractional or non-growing depth and bad steps, and at `fit`, before any
+    step, for a depth above the model's block count,
+    `steps_per_execution > 1`, or a copy between blocks whose weights differ
+    in shape.
     """
 
     def __init__(self, stages, off_path_update="skip"):
@@ -153,7 +160,7 @@ class GradualStacking(PathStrategy):
 
     def depth_at(self, step, num_blocks):
         """The number of blocks trained at optimizer step `step`."""
-        return self.resolve(num_blocks).depth_at(step)
+        return self.resolve(num_blocks).depth_at(schedules.check_step(step))
 
     def keep_probabilities_at(self, step, num_blocks):
         """1 for the blocks of the prefix trained at `step`, else 0."""
@@ -166,10 +173,11 @@ class GradualStacking(PathStrategy):
 
     def compute_fraction(self, num_blocks):
         """Block compute over `total_steps` relative to full training."""
-        self.resolve(num_blocks)
+        num_blocks = self.resolve(num_blocks).num_blocks
         return schedules.compute_fraction(self.stages, num_blocks, "subset")
 
     def resolve(self, num_blocks):
+        num_blocks = schedules.check_num_blocks(num_blocks)
         deepest = max(int(stage.path_length) for stage in self.stages)
         if deepest > num_blocks:
             raise ValueError(
@@ -194,6 +202,13 @@ class GradualStacking(PathStrategy):
                 "are copied between two steps. Compile the model with "
                 "`steps_per_execution=1`."
             )
+        # Every copy the transitions will make, checked before any step.
+        plan = self._plan
+        for begin in plan.ends:
+            depth = plan.depth_at(begin - 1)
+            new_depth = plan.depth_at(begin)
+            for target, source in enumerate(_sources(depth, new_depth), depth):
+                _check_shapes(model.blocks[source].block, model.blocks[target].block)
 
     def on_train_batch_begin(self, batch, logs=None):
         call = self._call_at(batch)
@@ -209,10 +224,7 @@ class GradualStacking(PathStrategy):
 
     def _stack(self, depth, new_depth):
         model = self.model  # On JAX, syncs the state; the step re-reads it.
-        count = new_depth - depth
-        sources = [
-            depth - count + i if count <= depth else i % depth for i in range(count)
-        ]
+        sources = _sources(depth, new_depth)
         optimizer_variables = model.optimizer.variables
         for i, source in enumerate(sources):
             target = model.blocks[depth + i].block
@@ -243,8 +255,21 @@ class GradualStacking(PathStrategy):
         )
 
 
+def _sources(depth, new_depth):
+    """The block each new block `depth .. new_depth - 1` is copied from."""
+    count = new_depth - depth
+    return [depth - count + i if count <= depth else i % depth for i in range(count)]
+
+
 def _copy_weights(origin, target):
-    if [w.shape for w in origin.weights] != [w.shape for w in target.weights]:
+    _check_shapes(origin, target)
+    for src, dst in zip(origin.weights, target.weights):
+        # A copy: on JAX two variables must not hold the same buffer.
+        dst.assign(ops.copy(src.value))
+
+
+def _check_shapes(origin, target):
+    if [tuple(w.shape) for w in origin.weights] != [tuple(w.shape) for w in target.weights]:
         raise ValueError(
             f"Gradual stacking copies block '{origin.name}' into "
             f"'{target.name}', but their weights differ in shape: "
@@ -252,6 +277,3 @@ def _copy_weights(origin, target):
             f"{[tuple(w.shape) for w in target.weights]}. Stacking needs blocks "
             "of one architecture."
         )
-    for src, dst in zip(origin.weights, target.weights):
-        # A copy: on JAX two variables must not hold the same buffer.
-        dst.assign(ops.copy(src.value))

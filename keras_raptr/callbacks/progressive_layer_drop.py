@@ -22,6 +22,8 @@ Models with Progressive Layer Dropping", NeurIPS 2020 (defaults
 """
 
 import dataclasses
+import math
+import numbers
 
 import keras
 import numpy as np
@@ -74,7 +76,9 @@ class ProgressiveLayerDrop(PathStrategy):
 
     Args:
         theta_bar: float in [0, 1]. The keep probability `θ(t)` decays to.
-        gamma: float >= 0. The decay rate of `θ(t)` per optimizer step.
+        gamma: float >= 0 and finite as a float32 (at most about 3.4e38;
+            the compiled step computes `θ(t)` in float32). The decay rate of
+            `θ(t)` per optimizer step.
         off_path_update: `"skip"` (the default: an off-path block's weights
             and optimizer state stay as they are) or `"zero_grad"` (it is
             updated with a zero gradient, at the cost of its optimizer
@@ -94,18 +98,21 @@ class ProgressiveLayerDrop(PathStrategy):
     # With a RandomPartModel `model`:
     # model.fit(data, epochs=..., callbacks=[pld])
     ```
+
+    Errors: a `ValueError` naming the value for a `theta_bar` outside
+    [0, 1], a negative, NaN or infinite `gamma`, bools, and, in the
+    methods, a `step` below 0, a `num_blocks` below 1 or a `total_steps`
+    outside [1, 2**31 - 1].
     """
 
     def __init__(self, theta_bar=0.5, gamma=0.001, off_path_update="skip"):
         super().__init__(off_path_update)
-        if isinstance(theta_bar, bool) or not isinstance(theta_bar, (int, float)) or not 0.0 <= theta_bar <= 1.0:
+        if not _is_real(theta_bar) or not 0.0 <= theta_bar <= 1.0:
             raise ValueError(
                 f"`theta_bar` must be a number in [0, 1], got {theta_bar!r}."
             )
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0.0:
-            raise ValueError(f"`gamma` must be a number >= 0, got {gamma!r}.")
         self.theta_bar = float(theta_bar)
-        self.gamma = float(gamma)
+        self.gamma = _check_gamma(gamma)
 
     @classmethod
     def from_compute_fraction(
@@ -116,6 +123,9 @@ class ProgressiveLayerDrop(PathStrategy):
         Solves for `theta_bar` at the given `gamma`.
         """
         _check_fraction(fraction)
+        gamma = _check_gamma(gamma)
+        num_blocks = schedules.check_num_blocks(num_blocks)
+        total_steps = schedules.check_steps(total_steps, "total_steps")
         return cls(
             theta_bar=schedules.pld_theta_bar_for(
                 fraction, gamma, num_blocks, total_steps
@@ -126,10 +136,12 @@ class ProgressiveLayerDrop(PathStrategy):
 
     def theta_at(self, step):
         """The global keep probability `θ(t)` at optimizer step `step`."""
+        step = schedules.check_step(step)
         return schedules.pld_theta(step, self.theta_bar, self.gamma)
 
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's keep probability at optimizer step `step`."""
+        num_blocks = schedules.check_num_blocks(num_blocks)
         return schedules.depth_keep_probabilities(self.theta_at(step), num_blocks)
 
     def path_length_at(self, step, num_blocks):
@@ -139,12 +151,18 @@ class ProgressiveLayerDrop(PathStrategy):
     def compute_fraction(self, num_blocks, total_steps):
         """Expected block compute over `total_steps` steps, relative to full."""
         return schedules.pld_compute_fraction(
-            self.theta_bar, self.gamma, num_blocks, total_steps
+            self.theta_bar,
+            self.gamma,
+            schedules.check_num_blocks(num_blocks),
+            schedules.check_steps(total_steps, "total_steps"),
         )
 
     def resolve(self, num_blocks):
         return _Plan(
-            self.theta_bar, self.gamma, num_blocks, off_path_update=self.off_path_update
+            self.theta_bar,
+            self.gamma,
+            schedules.check_num_blocks(num_blocks),
+            off_path_update=self.off_path_update,
         )
 
     def get_config(self):
@@ -165,8 +183,30 @@ class ProgressiveLayerDrop(PathStrategy):
         )
 
 
+def _is_real(value):
+    """A real number that is not a bool (numpy floats and ints included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_gamma(gamma):
+    # The compiled step multiplies the step by `-gamma` in float32: a gamma
+    # that overflows float32 would make `θ(0)` NaN there.
+    if (
+        not _is_real(gamma)
+        or not gamma >= 0.0
+        or not math.isfinite(gamma)
+        or gamma > float(np.finfo("float32").max)
+    ):
+        raise ValueError(
+            "`gamma` must be a number >= 0 and finite as a float32 (at most "
+            f"{float(np.finfo('float32').max):.4g}), got {gamma!r}. A gamma of "
+            "a few units already decays `θ(t)` to `theta_bar` within a few steps."
+        )
+    return float(gamma)
+
+
 def _check_fraction(fraction):
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+    if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
         raise ValueError(
             f"`fraction` must be a number in (0, 1], got {fraction!r}."
         )

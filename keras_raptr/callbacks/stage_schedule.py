@@ -176,16 +176,20 @@ class StageSchedule(PathStrategy):
     progress bar, `History` and TensorBoard show them.
 
     Args:
-        stages: list of `keras_raptr.Stage`, in training order.
+        stages: list of `keras_raptr.Stage`, in training order. Their path
+            lengths need not grow (the paper's do); together they last at
+            most `2**31 - 1` steps.
         fixed_blocks: block indices that are always on the path; negative
             indices count from the last block. Defaults to `(0, -1)`, the
-            first and the last block, as in the paper.
+            first and the last block, as in the paper. Each block once:
+            `(0, 0)` is an error here, `(0, -4)` on 4 blocks at `fit`.
         sampling: `"bernoulli"` (each block outside `fixed_blocks` is on the
             path independently, with probability
             `(path_length - len(fixed)) / (num_blocks - len(fixed))`, the
-            paper's definition) or `"subset"` (exactly `round(path_length)`
-            blocks each step, fixed ones included, the rest uniform without
-            replacement: a constant cost per step).
+            paper's definition) or `"subset"` (exactly `path_length` blocks
+            each step, fixed ones included, the rest uniform without
+            replacement: a constant cost per step). With `"subset"` every
+            path length must be a whole number.
         scaling: `"none"`, or `"inverse"` to divide the residual update of a
             non-fixed block on the path by its keep probability during
             training, as dropout does. Evaluation never scales.
@@ -208,6 +212,14 @@ class StageSchedule(PathStrategy):
     # With a RandomPartModel `model`:
     # model.fit(data, epochs=..., callbacks=[schedule])
     ```
+
+    Errors: a `ValueError` that names the bad value, at construction for
+    what the schedule alone decides (steps, path lengths, spec strings,
+    `fixed_blocks` that are not distinct integers, fractional path lengths
+    with `sampling="subset"`), and at `fit`, before any step, for what
+    depends on the model (a path length above its block count or below the
+    number of fixed blocks, a fixed block out of range or named twice once
+    negative indices are resolved).
     """
 
     def __init__(
@@ -220,11 +232,7 @@ class StageSchedule(PathStrategy):
     ):
         super().__init__(off_path_update)
         stages = schedules.stage_list(stages)
-        if isinstance(fixed_blocks, int) or not hasattr(fixed_blocks, "__iter__"):
-            raise ValueError(
-                "`fixed_blocks` must be a tuple of block indices, got "
-                f"{fixed_blocks!r}; use e.g. (0, -1) or ()."
-            )
+        fixed_blocks = schedules.check_fixed_blocks(fixed_blocks)
         if sampling not in schedules.SAMPLING_MODES:
             raise ValueError(
                 f"`sampling` must be one of {schedules.SAMPLING_MODES}, got "
@@ -235,8 +243,10 @@ class StageSchedule(PathStrategy):
                 f"`scaling` must be one of {schedules.SCALING_MODES}, got "
                 f"{scaling!r}."
             )
+        if sampling == "subset":
+            schedules.check_subset_lengths(stages)
         self.stages = tuple(stages)
-        self.fixed_blocks = tuple(fixed_blocks)
+        self.fixed_blocks = fixed_blocks
         self.sampling = sampling
         self.scaling = scaling
 
@@ -252,8 +262,10 @@ class StageSchedule(PathStrategy):
         40% of the steps.
 
         Args:
-            spec: str, path lengths joined by `-`.
-            total_steps: int, optimizer steps of the whole schedule.
+            spec: str, path lengths joined by `-` (plain decimals, e.g.
+                `"6-8-10-12"`; whitespace around them is ignored).
+            total_steps: int, optimizer steps of the whole schedule: at
+                least one per stage, at most `2**31 - 1`.
             stage_lengths: optional, one entry per stage: integer steps that
                 add up to `total_steps`, or fractions that add up to 1 (each
                 stage `floor(fraction * total_steps)` steps, the last the
@@ -270,14 +282,19 @@ class StageSchedule(PathStrategy):
 
     def stage_at(self, step):
         """The 0-based stage of optimizer step `step` (`len(stages)` after)."""
-        return schedules.stage_index(self.stages, step)
+        return schedules.stage_index(self.stages, schedules.check_step(step))
 
     def path_length_at(self, step, num_blocks):
         """The expected path length at optimizer step `step`."""
-        return schedules.path_length_at(self.stages, step, num_blocks)
+        return schedules.path_length_at(
+            self.stages,
+            schedules.check_step(step),
+            schedules.check_num_blocks(num_blocks),
+        )
 
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's probability of being on the path at `step`."""
+        step = schedules.check_step(step)
         plan = self.resolve(num_blocks)
         keep = plan.tables()["keep"]
         return [float(k) for k in keep[min(self.stage_at(step), len(keep) - 1)]]
@@ -286,13 +303,13 @@ class StageSchedule(PathStrategy):
         """Expected block compute relative to training all blocks every step.
 
         Over the schedule's `total_steps`: 0.75 for `6-8-10-12` on 12 blocks.
-        With `sampling="subset"`, path lengths count as `round(path_length)`.
         """
-        self.resolve(num_blocks)
+        num_blocks = self.resolve(num_blocks).num_blocks
         return schedules.compute_fraction(self.stages, num_blocks, self.sampling)
 
     def resolve(self, num_blocks):
         """Checks the schedule against a model's block count."""
+        num_blocks = schedules.check_num_blocks(num_blocks)
         fixed = schedules.normalize_fixed_blocks(self.fixed_blocks, num_blocks)
         schedules.check_stages(self.stages, num_blocks, len(fixed))
         return _Plan(

@@ -29,6 +29,7 @@ from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy
 from keras_raptr.callbacks.path_strategy import Plan
 from keras_raptr.callbacks.progressive_layer_drop import _check_fraction
+from keras_raptr.callbacks.progressive_layer_drop import _is_real
 
 DISTRIBUTIONS = ("uniform", "linear")
 
@@ -85,11 +86,15 @@ class StochasticDepth(PathStrategy):
     sd = keras_raptr.StochasticDepth.from_compute_fraction(0.75, num_blocks=12)
     assert abs(sd.compute_fraction(12) - 0.75) < 1e-9
     ```
+
+    Errors: a `ValueError` naming the value for a `keep_prob` outside
+    (0, 1] (NaN and bools included), an unknown `distribution`, and, in the
+    methods, a `step` below 0 or a `num_blocks` below 1.
     """
 
     def __init__(self, keep_prob, distribution="uniform", off_path_update="skip"):
         super().__init__(off_path_update)
-        if isinstance(keep_prob, bool) or not isinstance(keep_prob, (int, float)) or not 0.0 < keep_prob <= 1.0:
+        if not _is_real(keep_prob) or not 0.0 < keep_prob <= 1.0:
             raise ValueError(
                 f"`keep_prob` must be a number in (0, 1], got {keep_prob!r}."
             )
@@ -106,6 +111,11 @@ class StochasticDepth(PathStrategy):
     ):
         """The stochastic depth whose expected block compute is `fraction`."""
         _check_fraction(fraction)
+        num_blocks = schedules.check_num_blocks(num_blocks)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}."
+            )
         return cls(
             schedules.stochastic_depth_keep_prob_for(fraction, num_blocks, distribution),
             distribution=distribution,
@@ -114,8 +124,9 @@ class StochasticDepth(PathStrategy):
 
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's keep probability (the same at every step)."""
+        schedules.check_step(step)
         return schedules.stochastic_depth_keep_probabilities(
-            self.keep_prob, num_blocks, self.distribution
+            self.keep_prob, schedules.check_num_blocks(num_blocks), self.distribution
         )
 
     def path_length_at(self, step, num_blocks):
@@ -124,6 +135,7 @@ class StochasticDepth(PathStrategy):
 
     def compute_fraction(self, num_blocks):
         """Expected block compute relative to training every block."""
+        num_blocks = schedules.check_num_blocks(num_blocks)
         return self.path_length_at(0, num_blocks) / num_blocks
 
     def resolve(self, num_blocks):

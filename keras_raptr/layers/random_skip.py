@@ -44,7 +44,11 @@ class RandomSkip(keras.layers.Layer):
 
     The block must be a residual block whose output has the shape and dtype
     of its first input (`x + f(x)`, with the residual add inside the block, as
-    in keras-hub's transformer layers).
+    in keras-hub's transformer layers). Otherwise a training step that gates
+    it raises a `ValueError` naming the block and both shapes (or dtypes):
+    when it is wrapped, if it is called in a Functional model; else when a
+    step first runs it, or, on PyTorch, first skips it (its output is then
+    worked out symbolically, once per input shape, without running it).
 
     Wrapping installs the skip on the block object itself, so a model that
     already calls the block (a Functional model, a keras-hub backbone) calls
@@ -104,6 +108,8 @@ class RandomSkip(keras.layers.Layer):
         # update. `None` means "run the block".
         self._gate = None
         _install(block, self)
+        # (shape, dtype) of the inputs whose output was found to match.
+        self._checked = set()
         # A model that calls the block directly never calls this layer: it is
         # built when its block is (see `_gated_call`). Keras rebuilds a model
         # symbolically at every `fit` while any of its layers is unbuilt.
@@ -149,6 +155,10 @@ class RandomSkip(keras.layers.Layer):
             # Known when tracing (a static path, a gathered position, PyTorch):
             # a plain `if`, no conditional in the step.
             if not on:
+                if keras.backend.backend() == "torch":
+                    # An eager step: a block that is not residual would
+                    # otherwise be found only at a later step that runs it.
+                    self._check_skipped(args, kwargs)
                 return args[0]
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
         if keras.backend.backend() == "jax":
@@ -158,6 +168,35 @@ class RandomSkip(keras.layers.Layer):
             lambda: _residual(self, args[0], block_call(*args, **kwargs), scale),
             lambda: args[0],
         )
+
+    def _check_skipped(self, args, kwargs):
+        """Checks an off-path block's output spec, once per input signature."""
+        x = args[0]
+        if not hasattr(x, "shape") or _signature(x) in self._checked:
+            return
+
+        def spec(value):
+            if ops.is_tensor(value):
+                return keras.KerasTensor(tuple(value.shape), dtype=value.dtype)
+            return value
+
+        spec_args, spec_kwargs = keras.tree.map_structure(spec, (args, kwargs))
+        gate, self._gate = self._gate, None
+        try:
+            y = self.block.compute_output_spec(*spec_args, **spec_kwargs)
+        except Exception:
+            # The check is a courtesy: a block that cannot be traced
+            # symbolically is checked when a step runs it.
+            return
+        finally:
+            self._gate = gate
+        if isinstance(y, (list, tuple, dict)):
+            return
+        _check_output(self, x, y)
+
+
+def _signature(x):
+    return tuple(x.shape), keras.backend.standardize_dtype(x.dtype)
 
 
 def wrapper_of(block):
@@ -200,22 +239,29 @@ def check_functional_shapes(skip):
 
 
 def _check_output(skip, x, y):
+    checked = getattr(skip, "_checked", None)
+    if checked is not None and hasattr(x, "shape") and _signature(x) in checked:
+        return
     if not hasattr(y, "shape") or tuple(y.shape) != tuple(x.shape):
+        output = tuple(y.shape) if hasattr(y, "shape") else type(y).__name__
         raise ValueError(
             f"`RandomSkip` needs the block '{skip.block.name}' to return a "
             "tensor of its input's shape, so that skipping it (returning the "
             f"input) is valid. Input shape: {tuple(x.shape)}, output: "
-            f"{getattr(y, 'shape', type(y).__name__)}. Wrap only residual "
-            "blocks."
+            f"{output}. Wrap only residual blocks."
         )
     if keras.backend.standardize_dtype(y.dtype) != keras.backend.standardize_dtype(
         x.dtype
     ):
         raise ValueError(
             f"`RandomSkip` needs the block '{skip.block.name}' to return its "
-            f"input's dtype; input: {keras.backend.standardize_dtype(x.dtype)}, "
-            f"output: {keras.backend.standardize_dtype(y.dtype)}."
+            f"input's dtype, so that skipping it (returning the input) is valid; "
+            f"input: {keras.backend.standardize_dtype(x.dtype)}, output: "
+            f"{keras.backend.standardize_dtype(y.dtype)}. Wrap only residual "
+            "blocks, or cast the block's output to its input's dtype."
         )
+    if checked is not None and hasattr(x, "shape"):
+        checked.add(_signature(x))
 
 
 def _residual(skip, x, y, scale):

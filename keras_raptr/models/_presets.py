@@ -2,6 +2,7 @@
 
 import difflib
 import importlib
+import json
 import os
 import sys
 
@@ -92,6 +93,8 @@ def load(keras_hub, preset, task_cls, load_weights, kwargs):
                 "name (e.g. 'bert_base_en_uncased'), a handle "
                 "('kaggle://...', 'hf://...'), or a local preset directory."
             )
+    if scheme is None and os.path.exists(preset):
+        check_local_preset(preset)
     remote = scheme is not None or not os.path.exists(preset)
     try:
         return loader.from_preset(preset, load_weights=load_weights, **kwargs)
@@ -110,6 +113,58 @@ def load(keras_hub, preset, task_cls, load_weights, kwargs):
             "download the preset on a machine that has it, save it with "
             "`save_to_preset(dir)`, and pass that local directory."
         ) from e
+
+
+def check_local_preset(preset):
+    """Checks a local preset directory's `config.json`, naming the file.
+
+    Raises `NotADirectoryError` for a file, `FileNotFoundError` for a
+    directory without `config.json`, and `ValueError` for a `config.json`
+    that is not JSON, not an object, or names a class that no installed
+    library registers with Keras. Formats keras-hub converts (Transformers,
+    timm) pass through.
+    """
+    if not os.path.isdir(preset):
+        raise NotADirectoryError(
+            f"The preset {preset!r} is a file, not a preset directory. Pass the "
+            "directory that `save_to_preset(dir)` wrote (it holds config.json)."
+        )
+    config_path = os.path.join(preset, "config.json")
+    if not os.path.isfile(config_path):
+        files = sorted(os.listdir(preset))
+        holds = f"it holds {', '.join(files)}" if files else "it is empty"
+        raise FileNotFoundError(
+            f"The preset directory {preset!r} has no config.json ({holds}), so "
+            f"it is not a keras-hub preset: {config_path!r} is missing. Save a "
+            "preset there with `model.save_to_preset(dir)`, or pass the "
+            "directory that holds config.json."
+        )
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"The preset's {config_path!r} is not valid JSON ({e}). The file is "
+            "damaged or was not written by keras-hub: save the preset again "
+            "with `model.save_to_preset(dir)`."
+        ) from e
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"The preset's {config_path!r} holds a JSON {type(config).__name__}, "
+            "not the object that keras-hub writes. Save the preset again with "
+            "`model.save_to_preset(dir)`."
+        )
+    name = config.get("registered_name")
+    if name is None or name in ("Functional", "Sequential"):
+        return
+    keras = importlib.import_module("keras")
+    if not isinstance(name, str) or keras.saving.get_registered_object(name) is None:
+        raise ValueError(
+            f"The preset's {config_path!r} names the class {name!r}, which no "
+            "installed library registers with Keras. Install the version of "
+            "keras-hub (or import the library) that defines it, or save the "
+            "preset again with `model.save_to_preset(dir)`."
+        )
 
 
 def _is_fetch_failure(error):
