@@ -433,11 +433,35 @@ class Steps:
                 return function(*args, **kwargs)
             # The first call traces and compiles (and runs one execution).
             start = time.perf_counter()
-            result = function(*args, **kwargs)
+            try:
+                result = function(*args, **kwargs)
+            except Exception:
+                self._keep_jax_state(args)
+                raise
             compiled[key] = time.perf_counter() - start
             return result
 
         return train_function
+
+    def _keep_jax_state(self, args):
+        """JAX: hands the state of a step that failed to compile back to Keras.
+
+        Keras' `fit` releases the variables' values before its first step and
+        writes the state it threads back when `fit` ends, even by an error;
+        a step that fails while it is traced (a block that is not residual)
+        returns none, and without this the variables would be left empty.
+        """
+        model = self.model
+        if keras.backend.backend() != "jax" or not args or not isinstance(args[0], tuple):
+            return
+        names = (
+            "trainable_variables",
+            "non_trainable_variables",
+            "optimizer_variables",
+            "metrics_variables",
+        )
+        object.__setattr__(model, "_jax_state", dict(zip(names, args[0])))
+        object.__setattr__(model, "_jax_state_synced", False)
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
