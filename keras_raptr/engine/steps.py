@@ -39,6 +39,14 @@ from keras_raptr.engine.optimizer_gate import zero_off_path_gradients
 from keras_raptr.engine.xp import KERAS
 from keras_raptr.engine.xp import NUMPY
 
+# The four lists of Keras' JAX training state, in `fit`'s order.
+_JAX_STATE = (
+    "trainable_variables",
+    "non_trainable_variables",
+    "optimizer_variables",
+    "metrics_variables",
+)
+
 
 class Steps:
     """The train-step variants of one model, and the one for the coming steps."""
@@ -190,16 +198,10 @@ class Steps:
         state = getattr(model, "_jax_state", None)
         if not state or getattr(model, "_jax_state_synced", True) or self.packing is None:
             return
-        names = (
-            "trainable_variables",
-            "non_trainable_variables",
-            "optimizer_variables",
-            "metrics_variables",
-        )
-        lists = tuple(state.get(name) for name in names)
+        lists = tuple(state.get(name) for name in _JAX_STATE)
         if any(values is None for values in lists) or not self.packing.is_packed(lists):
             return
-        state.update(dict(zip(names, self.packing.unpack(lists))))
+        state.update(dict(zip(_JAX_STATE, self.packing.unpack(lists))))
 
     # ------------------------------------------------------------------
     # Inside the step.
@@ -454,13 +456,7 @@ class Steps:
         model = self.model
         if keras.backend.backend() != "jax" or not args or not isinstance(args[0], tuple):
             return
-        names = (
-            "trainable_variables",
-            "non_trainable_variables",
-            "optimizer_variables",
-            "metrics_variables",
-        )
-        object.__setattr__(model, "_jax_state", dict(zip(names, args[0])))
+        object.__setattr__(model, "_jax_state", dict(zip(_JAX_STATE, args[0])))
         object.__setattr__(model, "_jax_state_synced", False)
 
     def compiled_names(self):
