@@ -57,6 +57,22 @@ def check_steps(value, name, minimum=1):
     return int(value)
 
 
+def is_real(value):
+    """A real number that is not a bool (numpy floats and ints included).
+
+    `numpy.bool_` is not a `numbers.Real`; Python's `bool` is.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_fraction(fraction):
+    """Raises a `ValueError` unless `fraction` is a compute fraction in (0, 1]."""
+    if not is_real(fraction) or not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"`fraction` must be a number in (0, 1], got {fraction!r}."
+        )
+
+
 def check_step(step):
     """An optimizer step (an integer >= 0) as an int, or a `ValueError`."""
     if not isinstance(step, bool):

@@ -23,7 +23,6 @@ Models with Progressive Layer Dropping", NeurIPS 2020 (defaults
 
 import dataclasses
 import math
-import numbers
 
 import keras
 import numpy as np
@@ -107,7 +106,7 @@ class ProgressiveLayerDrop(PathStrategy):
 
     def __init__(self, theta_bar=0.5, gamma=0.001, off_path_update="skip"):
         super().__init__(off_path_update)
-        if not _is_real(theta_bar) or not 0.0 <= theta_bar <= 1.0:
+        if not schedules.is_real(theta_bar) or not 0.0 <= theta_bar <= 1.0:
             raise ValueError(
                 f"`theta_bar` must be a number in [0, 1], got {theta_bar!r}."
             )
@@ -122,7 +121,7 @@ class ProgressiveLayerDrop(PathStrategy):
 
         Solves for `theta_bar` at the given `gamma`.
         """
-        _check_fraction(fraction)
+        schedules.check_fraction(fraction)
         gamma = _check_gamma(gamma)
         num_blocks = schedules.check_num_blocks(num_blocks)
         total_steps = schedules.check_steps(total_steps, "total_steps")
@@ -183,16 +182,11 @@ class ProgressiveLayerDrop(PathStrategy):
         )
 
 
-def _is_real(value):
-    """A real number that is not a bool (numpy floats and ints included)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_gamma(gamma):
     # The compiled step multiplies the step by `-gamma` in float32: a gamma
     # that overflows float32 would make `θ(0)` NaN there.
     if (
-        not _is_real(gamma)
+        not schedules.is_real(gamma)
         or not gamma >= 0.0
         or not math.isfinite(gamma)
         or gamma > float(np.finfo("float32").max)
@@ -203,10 +197,3 @@ def _check_gamma(gamma):
             "a few units already decays `θ(t)` to `theta_bar` within a few steps."
         )
     return float(gamma)
-
-
-def _check_fraction(fraction):
-    if not _is_real(fraction) or not 0.0 < fraction <= 1.0:
-        raise ValueError(
-            f"`fraction` must be a number in (0, 1], got {fraction!r}."
-        )

@@ -28,8 +28,6 @@ import numpy as np
 from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy
 from keras_raptr.callbacks.path_strategy import Plan
-from keras_raptr.callbacks.progressive_layer_drop import _check_fraction
-from keras_raptr.callbacks.progressive_layer_drop import _is_real
 
 DISTRIBUTIONS = ("uniform", "linear")
 
@@ -94,7 +92,7 @@ class StochasticDepth(PathStrategy):
 
     def __init__(self, keep_prob, distribution="uniform", off_path_update="skip"):
         super().__init__(off_path_update)
-        if not _is_real(keep_prob) or not 0.0 < keep_prob <= 1.0:
+        if not schedules.is_real(keep_prob) or not 0.0 < keep_prob <= 1.0:
             raise ValueError(
                 f"`keep_prob` must be a number in (0, 1], got {keep_prob!r}."
             )
@@ -110,7 +108,7 @@ class StochasticDepth(PathStrategy):
         cls, fraction, num_blocks, distribution="uniform", off_path_update="skip"
     ):
         """The stochastic depth whose expected block compute is `fraction`."""
-        _check_fraction(fraction)
+        schedules.check_fraction(fraction)
         num_blocks = schedules.check_num_blocks(num_blocks)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(
