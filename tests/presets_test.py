@@ -252,13 +252,10 @@ def _damage(source, target, damage):
     return config
 
 
+# The checks fail before any model is built: no Keras state to clear.
+@pytest.mark.keras_free
 class TestDamagedPresetDirectory:
     """Local preset directories that keras-hub cannot load, refused early."""
-
-    @pytest.fixture(autouse=True)
-    def _clear_session(self):
-        # The checks fail before any model is built: no Keras state to clear.
-        yield
 
     @pytest.mark.parametrize(
         "damage, error, match",

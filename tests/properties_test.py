@@ -35,10 +35,8 @@ SEEDS = st.integers(-(2**63), 2**64)
 FALSE_ALARM = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def _clear_session():
-    # Nothing here builds a Keras object: no Keras state to clear.
-    yield
+# Nothing here builds a Keras object: no Keras state to clear.
+pytestmark = pytest.mark.keras_free
 
 
 @st.composite

@@ -7,10 +7,8 @@ from keras_raptr import schedules
 from keras_raptr.schedules import Stage
 
 
-@pytest.fixture(autouse=True)
-def _clear_session():
-    # Pure functions: no Keras state to clear.
-    yield
+# Pure functions: no Keras state to clear.
+pytestmark = pytest.mark.keras_free
 
 
 def test_parse_spec_equal_stages_remainder_to_last():

@@ -145,13 +145,10 @@ def test_bad_arguments(kwargs, match):
         keras_raptr.StageSchedule(**kwargs)
 
 
+# Nothing here builds a Keras object: no Keras state to clear.
+@pytest.mark.keras_free
 class TestBadInputsOnTheHost:
     """Hostile inputs refused before `fit`, or at `fit` before any step."""
-
-    @pytest.fixture(autouse=True)
-    def _clear_session(self):
-        # Nothing here builds a Keras object: no Keras state to clear.
-        yield
 
     STAGE = keras_raptr.Stage(2, 3)
 

@@ -136,13 +136,10 @@ SD = keras_raptr.StochasticDepth
 GS = keras_raptr.GradualStacking
 
 
+# Nothing here builds a Keras object: no Keras state to clear.
+@pytest.mark.keras_free
 class TestBadInputsOnTheHost:
     """Hostile inputs to the peers of RaPTr, refused before `fit`."""
-
-    @pytest.fixture(autouse=True)
-    def _clear_session(self):
-        # Nothing here builds a Keras object: no Keras state to clear.
-        yield
 
     @pytest.mark.parametrize(
         "make, match",
@@ -264,12 +261,9 @@ def flops_model():
     return make_model()
 
 
+# Builds nothing: the module's model serves every case.
+@pytest.mark.keras_free
 class TestEstimateTrainFlopsBadSteps:
-    @pytest.fixture(autouse=True)
-    def _clear_session(self):
-        # Builds nothing: the module's model serves every case.
-        yield
-
     @pytest.mark.parametrize(
         "kwargs, match",
         [
