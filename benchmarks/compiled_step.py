@@ -38,8 +38,9 @@ sys.path.insert(0, HERE)
 def compiled(model, x, y, variant=None):
     """`(hlo_text, cost)` of one train step; `variant` forces RaPTr's.
 
-    On JAX, the gathered variant is compiled as `fit` runs it: on the state
-    with the blocks' variables stacked (`keras_raptr/engine/stacked.py`).
+    The loop step is compiled as `fit` runs it: on JAX, on the state with
+    the blocks' variables stacked and its workspace
+    (`keras_raptr/engine/loop_jax.py`); on TensorFlow, with `jit_compile`.
     """
     import keras
 
@@ -62,14 +63,10 @@ def compiled(model, x, y, variant=None):
                 model.metrics_variables,
             )
         )
-        if variant is not None and variant[0] == "gather" and steps.packing is not None:
-            packing = steps.packing
-
-            def step(packed, data):
-                steps.tracing = variant
-                return steps._packed_step(packing, variant, packed, data)
-
-            state = packing.pack(state)
+        if variant == ("loop",):
+            loop = steps.find_loop()
+            workspace = loop.workspace_for(state, (x, y), steps.plan.scaling != "none")
+            state = loop.stack_state(state, workspace)
         lowered = jax.jit(step).lower(state, (x, y))
         start = time.perf_counter()
         executable = lowered.compile()
@@ -81,6 +78,8 @@ def compiled(model, x, y, variant=None):
         }
     import tensorflow as tf
 
+    if variant == ("loop",):
+        steps.find_loop().to_stacks()
     function = tf.function(lambda data: step(data), jit_compile=True)
     text = function.experimental_get_compiler_ir((tf.constant(x), tf.constant(y)))(
         stage="optimized_hlo"

@@ -226,8 +226,9 @@ def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path):
     if backend == "torch":
         assert compiled == {"baseline": 0, "raptr": 0}
     else:
-        assert compiled["baseline"] == 1 and compiled["raptr"] >= 2
+        assert compiled == {"baseline": 1, "raptr": 1}
         assert list(baseline["compiled_train_steps"]) == ["full"]
+        assert list(raptr["compiled_train_steps"]) == ["loop"]
 
 
 def test_ideal_speedup_with_the_head_at_masked_positions():

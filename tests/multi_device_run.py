@@ -207,11 +207,22 @@ def main(directory, part):
             out["runs"][f"{name}/{strategy}"] = train(engine, strategy)[1]
     several = [name for name in all_engines if name != "single"][0]
     if BACKEND == "jax":
-        # Two steps per execution: paths of different lengths in one run
-        # through the fallback (a conditional per block).
+        # Two steps per execution (paths of different lengths in one call),
+        # through the loop step, then through the conditional step (as for
+        # blocks that fail the loop step's checks).
         out["runs"]["DataParallel/StageSchedule/steps_per_execution=2"] = train(
             all_engines["DataParallel"], "StageSchedule", steps_per_execution=2
         )[1]
+        from keras_raptr.engine import blocks
+
+        check = blocks.check
+        blocks.check = lambda model: (None, "forced")
+        try:
+            out["runs"]["DataParallel/StageSchedule/conditional"] = train(
+                all_engines["DataParallel"], "StageSchedule", steps_per_execution=2
+            )[1]
+        finally:
+            blocks.check = check
     out["resumed"] = resumed(all_engines[several], os.path.join(directory, "checkpoint.keras"))
     out["resumed_engine"] = several
     if BACKEND == "tensorflow":

@@ -95,12 +95,18 @@ def test_zero_grad_moves_the_off_path_blocks_under_every_engine(runs):
         assert max(moved[1:-1]) > 1e-3, (engine, moved)
 
 
-def test_the_fallback_step_trains_the_same_paths_under_a_distribution(runs):
+@pytest.mark.parametrize("step", ["loop", "conditional"])
+def test_two_steps_per_execution_train_the_same_paths_under_a_distribution(runs, step):
     if BACKEND != "jax":
-        pytest.skip("TensorFlow's strategies refuse the fallback (test below)")
+        pytest.skip("TensorFlow's strategies refuse the conditional step (test below)")
     single = runs["runs"]["single/StageSchedule"]
-    run = runs["runs"]["DataParallel/StageSchedule/steps_per_execution=2"]
-    assert "conditional" in run["compiled"]
+    name = "steps_per_execution=2" if step == "loop" else "conditional"
+    run = runs["runs"][f"DataParallel/StageSchedule/{name}"]
+    # (The conditional step's runs compile the static paths' own steps too.)
+    if step == "loop":
+        assert run["compiled"] == ["loop"]
+    else:
+        assert "conditional" in run["compiled"]
     # One log per execution of two steps: the running mean after each pair.
     np.testing.assert_allclose(run["losses"], single["losses"][1::2], rtol=1e-5)
     assert_same_weights(run["weights"], single["weights"])
@@ -126,8 +132,8 @@ def test_model_parallel_splits_the_blocks_kernels(runs):
 def test_one_gradient_all_reduce_per_step_as_without_raptr(runs):
     if BACKEND != "tensorflow":
         pytest.skip("counted on tf.distribute's replica context")
-    # Static paths, gathered steps and the full network alike: the blocks'
-    # updates do not each reduce their own gradients.
+    # The loop step, as the full network: the blocks' updates do not each
+    # reduce their own gradients.
     assert runs["all_reduces_per_step"] == 1
 
 
@@ -145,20 +151,20 @@ def test_the_example_trains_on_every_device(runs, tmp_path):
     assert np.isfinite(summary["final_eval_loss"])
 
 
-def test_a_step_that_needs_the_fallback_under_tf_distribute_gets_a_clear_error():
+def test_a_model_that_needs_the_conditional_step_under_tf_distribute_gets_a_clear_error():
     if BACKEND != "tensorflow":
         pytest.skip("tf.distribute is TensorFlow's")
     import tensorflow as tf
 
     import keras_raptr
+    from toy_models import head_reads_block
     from toy_models import regression_data
-    from toy_models import residual_mlp
 
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
-        inner, blocks = residual_mlp(6)
+        # Not one chain: the head reads block 2's output too.
+        inner, blocks = head_reads_block(2)
         model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
-        # Two steps per execution, paths of different lengths within one.
-        model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
+        model.compile(optimizer="adam", loss="mse")
     schedule = keras_raptr.StageSchedule([keras_raptr.Stage(3.5, 8)])
-    with pytest.raises(ValueError, match="MirroredStrategy.*`steps_per_execution=1`"):
+    with pytest.raises(ValueError, match="MirroredStrategy.*block 2's output also feeds"):
         model.fit(*regression_data(n=64), batch_size=8, callbacks=[schedule], verbose=0)

@@ -76,3 +76,45 @@ class BatchLogs(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append(dict(logs))
+
+
+def fixed_weights(model, seed=0, scale=0.3):
+    """Sets every weight from numpy: the same model on every backend."""
+    rng = np.random.default_rng(seed)
+    model.set_weights(
+        [rng.normal(scale=scale, size=w.shape).astype(w.dtype) for w in model.get_weights()]
+    )
+
+
+def head_reads_block(index, num_blocks=6, width=8):
+    """Residual blocks whose head also reads block `index`'s output.
+
+    Not one chain: block `index`'s output feeds the next block *and* an
+    `Add` before the head, so a step may not run the blocks as a loop.
+    """
+    inputs = keras.Input((8,), name="features")
+    x = keras.layers.Dense(width, name="stem")(inputs)
+    blocks = [ResidualBlock(width, name=f"block_{i}") for i in range(num_blocks)]
+    outputs = []
+    for block in blocks:
+        x = block(x)
+        outputs.append(x)
+    x = keras.layers.Add(name="skip_head")([outputs[index], outputs[-1]])
+    outputs = keras.layers.Dense(1, name="head")(x)
+    return keras.Model(inputs, outputs, name="head_reads_block"), blocks
+
+
+class LoopedModel(keras.Model):
+    """A subclassed model calling its blocks in a Python loop: no graph."""
+
+    def __init__(self, num_blocks=4, width=16, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = keras.layers.Dense(width)
+        self.stack = [ResidualBlock(width, name=f"block_{i}") for i in range(num_blocks)]
+        self.head = keras.layers.Dense(1)
+
+    def call(self, x, training=None):
+        x = self.stem(x)
+        for block in self.stack:
+            x = block(x, training=training)
+        return self.head(x)

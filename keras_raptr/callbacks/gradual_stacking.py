@@ -18,7 +18,8 @@ an early stage is that of a shallower model.
 
 What it costs: nothing in parameters; block compute is the mean prefix
 length over the steps (`compute_fraction`: `6-9-12` on 12 blocks is 0.75).
-Each stage runs a train step compiled for its prefix (one compile per stage).
+On JAX and TensorFlow every stage runs the one loop step that serves every
+path (its prefix is a path like any other); the copies happen on the host.
 
 Limits: `evaluate` and `predict` run the full network, as everywhere in this
 library, so during an early stage they include blocks that have not been
@@ -40,7 +41,7 @@ from keras import ops
 from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy
 from keras_raptr.callbacks.path_strategy import StagedPlan
-from keras_raptr.engine.gather import optimizer_slots
+from keras_raptr.engine.blocks import optimizer_slots
 from keras_raptr.engine.steps import step_counter
 
 
@@ -53,6 +54,9 @@ class _Plan(StagedPlan):
     sampling: str = "bernoulli"
     scaling: str = "none"
     off_path_update: str = "skip"
+
+    # The copies happen between steps, at steps the host must know exactly.
+    host_steps = True
 
     @property
     def key(self):
@@ -224,6 +228,9 @@ class GradualStacking(PathStrategy):
 
     def _stack(self, depth, new_depth):
         model = self.model  # On JAX, syncs the state; the step re-reads it.
+        # TensorFlow: the blocks' variables take back what the loop step
+        # keeps in its stacks, which take the copies back before the next.
+        model._steps.release()
         sources = _sources(depth, new_depth)
         optimizer_variables = model.optimizer.variables
         for i, source in enumerate(sources):

@@ -1,29 +1,27 @@
-"""Which train step runs the coming steps of a `RandomPartModel`, and how.
+"""Which train step runs the coming steps of a `RandomPartModel`, and the step.
 
-The model holds one `Steps` per instance. At `fit` the strategy's plan is
-attached; before each execution the strategy calls `prepare(first, stop)`
-with the train steps to come, counted as the optimizer counts them (its
-`iterations`; with `gradient_accumulation_steps=A`, micro-batches, of which
-each run of `A` is one optimizer step with one path), and the host picks the
-variant:
+The model holds one `Steps`. At `fit` the strategy's plan is attached; before
+each execution the strategy calls `prepare(first, stop)` with the train steps
+to come, counted as the optimizer counts them (its `iterations`; with
+`gradient_accumulation_steps=A`, micro-batches, of which each run of `A` is
+one optimizer step with one path), and the host picks the variant:
 
-- `("static", path)`: a path the plan knows to be the same at every step
-  (every block: the plain network; the fixed blocks; a stacking prefix). Its
-  off blocks are not in the step.
-- `("gather", k)`: JAX and TensorFlow, blocks of one structure, every step
-  of the execution with a path of `k` blocks (`gather.py`); on JAX, on the
-  blocks' state stacked (`stacked.py`).
-- `("drawn",)`: the fallback, one conditional per block (`optimizer_gate.py`
-  and `layers/random_skip.py`): blocks of different structures, or an
-  execution whose steps have paths of different lengths.
+- `("loop",)`: JAX and TensorFlow, when the blocks pass `blocks.check`: every
+  path, whatever its length, schedule or strategy, in one compiled step
+  (`loop_jax.py`, `loop_tf.py`). The path is computed inside the step.
+- `("static", path)`: a path the plan knows to be the same at every step of
+  the execution (every block: the plain network; the fixed blocks; a
+  stacking prefix), when there is no loop step. Its off blocks are not in
+  the step.
+- `("conditional",)`: JAX and TensorFlow, blocks that fail `blocks.check`:
+  one conditional per block (`conditional.py`); `engine_reason` says why.
 - `("host",)`: PyTorch, eager: the step's path comes from the host.
 
-Each variant is compiled once, on its first call, and reused by every stage
-and every `fit` while the plan stays the same.
+Each variant is compiled once, on its first call (`dispatch.py`), and reused
+by every stage and every `fit` while the plan stays the same.
 """
 
 import contextlib
-import time
 import warnings
 import weakref
 
@@ -31,21 +29,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_raptr.engine import gather
+from keras_raptr.engine import blocks
+from keras_raptr.engine import conditional
 from keras_raptr.engine import path
-from keras_raptr.engine import stacked
-from keras_raptr.engine.optimizer_gate import skip_off_path_updates
 from keras_raptr.engine.optimizer_gate import zero_off_path_gradients
 from keras_raptr.engine.xp import KERAS
 from keras_raptr.engine.xp import NUMPY
-
-# The four lists of Keras' JAX training state, in `fit`'s order.
-_JAX_STATE = (
-    "trainable_variables",
-    "non_trainable_variables",
-    "optimizer_variables",
-    "metrics_variables",
-)
 
 
 class Steps:
@@ -61,25 +50,24 @@ class Steps:
         # Set while a variant is traced (JAX, TensorFlow) or run (PyTorch).
         self.tracing = None
         self.compiled = {}
-        self._layout = False
-        # `(optimizer weakref, variable ids, (layout, reason), packing)` of
-        # the last layout found (the packing's conversions compile once).
-        self._layout_cache = None
-        self.fallback_reason = None
+        # The loop step of this `fit` (`None` on PyTorch or when the blocks
+        # fail `blocks.check`: `reason` says why), found at the first
+        # `prepare` of each `fit`.
+        self.loop = None
+        self.reason = None
+        self._checked = False
+        self._loop_cache = None
         self._free_variables = None
-        # JAX: the packing of the blocks' state for this `fit` (or `None`).
-        self.packing = None
-        # JAX, while a packed gathered step traces: its path's `(idx, scale)`.
-        self._gathered = None
+        # JAX: the loop step's workspace while `fit` threads Keras' lists.
+        self.workspace = None
 
     def attach(self, plan):
         """A strategy's plan for the next `fit` (`None`: the full network)."""
+        self.release()
         self.plan = plan
         self.variant = None
         self._free_variables = None
-        # The gather layout depends on the optimizer: found again per `fit`.
-        self._layout = False
-        self.packing = None
+        self._checked = False
         if plan is None:
             return
         # The plan's constant tables for the host (numpy) and the compiled
@@ -101,107 +89,98 @@ class Steps:
             scale = path.scales(self.plan, tables, step, xp)
         return on, scale
 
+    # ------------------------------------------------------------------
+    # The host: which variant runs the coming steps.
+
     def prepare(self, first, stop):
         """Picks the variant for the train steps (micro-batches) `[first, stop)`."""
         self.host_call = first
         _, every = step_counter(self.model.optimizer)
         # The optimizer steps these train steps belong to.
         start, stop = first // every, (stop - 1) // every + 1
-        num_blocks = len(self.model.blocks)
-        if keras.backend.backend() == "jax" and self._layout is False:
-            # Before the first step takes the variables' values.
-            self.layout()
+        backend = keras.backend.backend()
         static = self.plan.static_path(start, stop)
+        if backend == "torch":
+            self.variant = ("static", static) if static is not None else ("host",)
+            return
+        if self.find_loop() is not None:
+            self.variant = ("loop",)
+            return
         if static is not None:
-            variant = ("static", static)
-        elif keras.backend.backend() == "torch":
-            variant = ("host",)
-        else:
-            lengths = {
-                sum(path.host_path(self.plan, self.tables, self.model.seed, step))
-                for step in range(start, stop)
-            }
-            variant = ("drawn",)
-            if len(lengths) == 1 and self.layout() is not None:
-                k = lengths.pop()
-                if k == num_blocks and self.plan.scaling == "none":
-                    variant = ("static", self.plan.full_path())
-                elif k == 0:
-                    variant = ("static", (False,) * num_blocks)
-                else:
-                    variant = ("gather", k)
-            strategy = _tf_distribute_strategy(self.model)
-            if variant == ("drawn",) and strategy is not None:
-                reason = self.fallback_reason or (
-                    f"the {stop - start} steps of one execution "
-                    f"(`steps_per_execution={stop - start}`) have paths of "
-                    f"{len(lengths)} different lengths"
-                )
-                raise ValueError(
-                    f"Under `{strategy}`, the steps from optimizer step {start} "
-                    f"need the fallback train step ({reason}), whose per-block "
-                    "optimizer updates a `tf.distribute` strategy cannot run. "
-                    "Compile with `steps_per_execution=1` (or sample paths of "
-                    "one length per stage: `sampling='subset'`), and give the "
-                    "blocks one structure."
-                )
-        self.variant = variant
-
-    def layout(self):
-        """The blocks' `gather.Layout` (checked once per `fit`), or `None`."""
-        if self._layout is False:
-            model = self.model
-            if keras.backend.backend() == "jax":
-                # Variables hold stale (donated) buffers during a JAX `fit`.
-                model.jax_state_sync()
-            if model.optimizer is not None and not model.optimizer.built:
-                # As Keras would at the first step (TensorFlow builds late).
-                model.optimizer.build(model.trainable_variables)
-            # Finding each weight's slots runs the optimizer's update once
-            # per block variable: done again only when the optimizer or the
-            # variables change, not at every `fit`.
-            key = tuple(
-                tuple(id(v) for v in variables)
-                for variables in (
-                    model.trainable_variables,
-                    model.non_trainable_variables,
-                    getattr(model.optimizer, "variables", ()),
-                )
+            self.variant = ("static", static)
+            return
+        self.variant = ("conditional",)
+        strategy = _tf_distribute_strategy(self.model)
+        if strategy is not None:
+            raise ValueError(
+                f"Under `{strategy}`, the steps from optimizer step {start} "
+                f"need the conditional train step ({self.reason}), whose "
+                "per-block optimizer updates a `tf.distribute` strategy cannot "
+                "run. Give the blocks one structure, called in one chain of a "
+                "Functional model (see `RandomPartModel.engine_reason`)."
             )
-            cached = self._layout_cache
-            if not (cached and cached[0]() is model.optimizer and cached[1] == key):
-                found = gather.layout(model)
-                packing = None
-                if found[0] is not None and keras.backend.backend() == "jax":
-                    packing = stacked.Packing(found[0], _specs(model))
-                owner = model.optimizer and weakref.ref(model.optimizer)
-                cached = (owner, key, found, packing)
-                if owner is not None:
-                    self._layout_cache = cached
-            self._layout, self.fallback_reason = cached[2]
-            self.packing = cached[3] if self._packs() else None
-        return self._layout
 
-    def _packs(self):
-        """Whether this `fit` threads the blocks' state packed (`stacked.py`)."""
+    def find_loop(self):
+        """The loop step for this `fit`, or `None` (then `reason` says why)."""
+        if self._checked:
+            return self.loop
+        self._checked = True
         model = self.model
-        return (
-            len(model.blocks) >= 2
-            and not model.run_eagerly
-            and model.jit_compile
-            and keras.distribution.distribution() is None
+        if keras.backend.backend() == "jax":
+            # Variables hold stale (donated) buffers during a JAX `fit`.
+            model.jax_state_sync()
+        if model.optimizer is not None and not model.optimizer.built:
+            # As Keras would at the first step (TensorFlow builds late).
+            model.optimizer.build(model.trainable_variables)
+        # Finding each weight's slots runs the optimizer's update once per
+        # block variable: done again only when the optimizer or the
+        # variables change, not at every `fit`.
+        key = tuple(
+            tuple(id(v) for v in variables)
+            for variables in (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                getattr(model.optimizer, "variables", ()),
+            )
+        )
+        cached = self._loop_cache
+        if not (cached and cached[0]() is model.optimizer and cached[1] == key):
+            layout, reason = blocks.check(model)
+            loop = None
+            if layout is not None:
+                loop = _make_loop(model, layout)
+            owner = model.optimizer and weakref.ref(model.optimizer)
+            cached = (owner, key, loop, reason)
+            if owner is not None:
+                self._loop_cache = cached
+        self.loop, self.reason = cached[2], cached[3]
+        if self.reason is not None:
+            warnings.warn(
+                f"RaPTr trains the model '{model.name}' through one conditional per "
+                f"block, not the loop step, because {self.reason}. The paths and "
+                "weights are the same; only slower on accelerators. "
+                "`model.engine_reason` keeps this reason.",
+                stacklevel=2,
+            )
+        return self.loop
+
+    def give_up_loop(self, reason):
+        """The loop step failed while it was traced: the conditional step instead."""
+        self.loop, self.reason = None, reason
+        if self._loop_cache is not None:
+            owner, key, _, _ = self._loop_cache
+            self._loop_cache = (owner, key, None, reason)
+        warnings.warn(
+            f"RaPTr trains the model '{self.model.name}' through one conditional per "
+            f"block, not the loop step, because {reason}.",
+            stacklevel=2,
         )
 
-    def unpack_jax_state(self):
-        """Puts a packed `fit` state back in Keras' form, before a sync."""
-        model = self.model
-        state = getattr(model, "_jax_state", None)
-        if not state or getattr(model, "_jax_state_synced", True) or self.packing is None:
-            return
-        lists = tuple(state.get(name) for name in _JAX_STATE)
-        if any(values is None for values in lists) or not self.packing.is_packed(lists):
-            return
-        state.update(dict(zip(_JAX_STATE, self.packing.unpack(lists))))
+    def release(self):
+        """Hands the blocks' state back to their variables (TensorFlow's loop)."""
+        loop = self.loop
+        if loop is not None and hasattr(loop, "to_blocks"):
+            loop.to_blocks()
 
     # ------------------------------------------------------------------
     # Inside the step.
@@ -210,8 +189,21 @@ class Steps:
         """One train step of the traced variant; `base_step` is Keras' own."""
         model = self.model
         backend = keras.backend.backend()
-        step = self._optimizer_step(args)
         kind = self.tracing[0]
+        if kind == "loop":
+            zero_grad = self._zero_grad()
+
+            def path_at(step):
+                return self.path_at(step, KERAS)
+
+            if backend == "jax":
+                logs, state, step = self.loop.train_step(
+                    base_step, args[0], args[1], path_at, zero_grad
+                )
+                return {**logs, **self.plan.logs(step, self.tensors)}, state
+            logs, step = self.loop.train_step(base_step, args[0], path_at, zero_grad)
+            return {**logs, **self.plan.logs(step, self.tensors)}
+        step = self._optimizer_step(args)
         if kind == "static":
             static = self.tracing[1]
             if all(static):
@@ -229,26 +221,6 @@ class Steps:
                 for i in range(len(on))
             ]
             result = self._run_gated(base_step, gates, args, kwargs)
-        elif kind == "gather" and self._gathered is not None:
-            # JAX, packed: `packed_step` read the path's blocks into the
-            # first `k` positions; the rest are the identity.
-            idx, scale = self._gathered
-            step_gates = gather.gates(self.tracing[1], len(model.blocks), idx, scale)
-            with gather.gated(model, step_gates):
-                result = base_step(*args, **kwargs)
-        elif kind == "gather":
-            k = self.tracing[1]
-            on, scale = self.path_at(step, KERAS)
-            every = self._zero_grad()
-            if backend == "jax":
-                result = gather.jax_train_step(
-                    model, self._layout, k, on, scale, args[0], args[1], base_step, every
-                )
-            else:
-                with self._zero_grad_context():
-                    result = gather.tf_train_step(
-                        model, self._layout, k, on, scale, args[0], base_step, every
-                    )
         else:
             on, scale = self.path_at(step, KERAS)
             gates = [
@@ -264,8 +236,16 @@ class Steps:
             return {**result_logs, **logs}, state
         return {**result, **logs}
 
+    def optimizer_steps(self, calls):
+        """The optimizer step of a train step, from the count of train steps."""
+        _, every = step_counter(self.model.optimizer)
+        return calls if every == 1 else ops.floor_divide(calls, every)
+
+    def counter_variable(self):
+        return step_counter(self.model.optimizer)[0]
+
     def _optimizer_step(self, args):
-        counter, every = step_counter(self.model.optimizer)
+        counter, _ = step_counter(self.model.optimizer)
         if keras.backend.backend() != "jax":
             # A copy: the optimizer increments the variable in place later in
             # the step.
@@ -273,7 +253,7 @@ class Steps:
         else:
             # JAX: the live value is in the state passed to the step.
             value = args[0][2][self._counter_index()]
-        return _optimizer_steps(value, every)
+        return self.optimizer_steps(value)
 
     def calls(self):
         """The optimizer's count of train steps now, read on the host.
@@ -291,12 +271,13 @@ class Steps:
             and not getattr(model, "_jax_state_synced", True)
             and state.get("optimizer_variables") is not None
         ):
-            index = self._counter_index()
-            if self.packing is not None and self.packing.is_packed(
-                (state["trainable_variables"],)
-            ):
-                index = self.packing.rest[2].index(index)
-            return int(np.asarray(state["optimizer_variables"][index]))
+            values = state["optimizer_variables"]
+            loop = self.loop
+            if loop is not None and loop.stacks.is_stacked((state["trainable_variables"],)):
+                return int(np.asarray(values[loop.counter_position()]))
+            return int(np.asarray(values[self._counter_index()]))
+        if self.loop is not None and hasattr(self.loop, "calls"):
+            return self.loop.calls()
         return int(ops.convert_to_numpy(counter))
 
     def rereads_count(self):
@@ -304,45 +285,31 @@ class Steps:
 
         A `LossScaleOptimizer` (`mixed_float16`) skips a step whose gradients
         are not finite without advancing its count, which the host cannot
-        foresee.
+        foresee. The loop step computes the path in the step and serves
+        every step: the host needs the count only for a strategy that acts
+        between steps (`GradualStacking`'s copies).
         """
-        return isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer)
+        if not isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer):
+            return False
+        loop_serves = self._checked and self.loop is not None
+        return not loop_serves or getattr(self.plan, "host_steps", False)
 
     def _run_gated(self, base_step, gates, args, kwargs):
         """Keras' own step, with per-block gates and the optimizer gated alike."""
-        model = self.model
-        fixed = self.plan.fixed_blocks
-        gates = [None if i in fixed else gate for i, gate in enumerate(gates)]
-        free = [gate[0] for gate in gates if gate is not None]
-        if self._zero_grad():
-            # Keras' own optimizer step over every block, the blocks off the
-            # path with a zero gradient.
-            with gather.gated(model, gates), self._zero_grad_context():
-                return base_step(*args, **kwargs)
-        if keras.backend.backend() == "tensorflow" and all(isinstance(on, bool) for on in free):
-            # A path known when tracing: TensorFlow gives the blocks off it no
-            # gradient, and Keras' optimizer leaves out (weight decay
-            # included) the variables without one. No gate needed, and none
-            # that a `tf.distribute` strategy's cross-replica update would
-            # have to run through.
-            with gather.gated(model, gates), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Gradients do not exist")
-                return base_step(*args, **kwargs)
-        with gather.gated(model, gates):
-            with skip_off_path_updates(model.optimizer, self._free_block_variables(), free):
-                return base_step(*args, **kwargs)
+        return conditional.run_gated(
+            self.model,
+            base_step,
+            gates,
+            args,
+            kwargs,
+            self.plan.fixed_blocks,
+            self._zero_grad(),
+            self._free_block_variables(),
+        )
 
     def _zero_grad(self):
         """Whether the plan updates off-path blocks with a zero gradient."""
         return getattr(self.plan, "off_path_update", "skip") == "zero_grad"
-
-    def _zero_grad_context(self):
-        if not self._zero_grad():
-            return contextlib.nullcontext()
-        # Every block's: a gathered step moves a free block's values into a
-        # fixed block's position.
-        variables = [v for skip in self.model.blocks for v in skip.block.trainable_variables]
-        return zero_off_path_gradients(self.model.optimizer, variables)
 
     def _free_block_variables(self):
         """Per non-fixed block, its trainable variables (cached per plan)."""
@@ -354,24 +321,6 @@ class Steps:
             ]
         return self._free_variables
 
-    def _packed_step(self, packing, key, packed, data):
-        """One gathered JAX train step on the packed state (`stacked.py`)."""
-        model = self.model
-        counter = packing.rest[2].index(self._counter_index())
-        _, every = step_counter(model.optimizer)
-        on, scale = self.path_at(_optimizer_steps(packed[2][counter], every), KERAS)
-        # "zero_grad": every block's rows, the path's first (a permutation).
-        every = self._zero_grad()
-        idx, _ = gather.path_positions(on, key[1], every_block=every)
-        self._gathered = (idx, scale)
-        try:
-            lists = packing.read(packed, idx, sorted_indices=not every)
-            logs, state = type(model).train_step(model, (*lists, packed[3]), data)
-        finally:
-            self._gathered = None
-        new = packing.write(packed, state[:3], idx, sorted_indices=not every)
-        return logs, (*new, state[3])
-
     def _counter_index(self):
         """The index of the optimizer's step counter in its variables."""
         optimizer = self.model.optimizer
@@ -381,86 +330,28 @@ class Steps:
                 return n
         raise RuntimeError("The optimizer's step counter is not among its variables.")
 
-    # ------------------------------------------------------------------
-    # The train function.
-
     def train_function(self, make_base):
-        """A dispatcher to one compiled train function per variant.
+        from keras_raptr.engine import dispatch
 
-        `make_base(step)` makes Keras' train function around `step`: a
-        distinct step function per variant, since JAX caches traces by
-        function.
-        """
-        variants = {}
-        compiled = {}
-        self.compiled = compiled
-        model = self.model
+        return dispatch.train_function(self, make_base)
 
-        def variant(key, packing):
-            if (key, packing) not in variants:
-                if packing is None:
+    def unstack_jax_state(self):
+        from keras_raptr.engine import dispatch
 
-                    def step(*args, **kwargs):
-                        self.tracing = key
-                        return type(model).train_step(model, *args, **kwargs)
-
-                else:
-
-                    def step(state, data):
-                        self.tracing = key
-                        return self._packed_step(packing, key, state, data)
-
-                variants[key, packing] = make_base(step)
-            return variants[key, packing]
-
-        def train_function(*args, **kwargs):
-            if self.plan is None:
-                key = ("static", (True,) * len(model.blocks))
-            else:
-                key = self.variant
-            # JAX: the gathered steps thread the packed state; the others,
-            # Keras' own. Converted where consecutive executions differ.
-            packing = self.packing if key[0] == "gather" and self.plan is not None else None
-            function = variant(key, packing)
-            if self.packing is not None and args and isinstance(args[0], tuple):
-                state = args[0]
-                if packing is not None and not packing.is_packed(state):
-                    state = packing.pack(state)
-                elif packing is None and self.packing.is_packed(state):
-                    state = self.packing.unpack(state)
-                args = (state, *args[1:])
-            # PyTorch looks `train_step` up at each call: tell it the variant.
-            self.tracing = key
-            if key in compiled or keras.backend.backend() == "torch":
-                return function(*args, **kwargs)
-            # The first call traces and compiles (and runs one execution).
-            start = time.perf_counter()
-            try:
-                result = function(*args, **kwargs)
-            except Exception:
-                self._keep_jax_state(args)
-                raise
-            compiled[key] = time.perf_counter() - start
-            return result
-
-        return train_function
-
-    def _keep_jax_state(self, args):
-        """JAX: hands the state of a step that failed to compile back to Keras.
-
-        Keras' `fit` releases the variables' values before its first step and
-        writes the state it threads back when `fit` ends, even by an error;
-        a step that fails while it is traced (a block that is not residual)
-        returns none, and without this the variables would be left empty.
-        """
-        model = self.model
-        if keras.backend.backend() != "jax" or not args or not isinstance(args[0], tuple):
-            return
-        object.__setattr__(model, "_jax_state", dict(zip(_JAX_STATE, args[0])))
-        object.__setattr__(model, "_jax_state_synced", False)
+        dispatch.unstack_jax_state(self)
 
     def compiled_names(self):
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
+
+
+def _make_loop(model, layout):
+    if keras.backend.backend() == "jax":
+        from keras_raptr.engine.loop_jax import JaxLoop
+
+        return JaxLoop(model, layout)
+    from keras_raptr.engine.loop_tf import TfLoop
+
+    return TfLoop(model, layout)
 
 
 def step_counter(optimizer):
@@ -480,11 +371,6 @@ def step_counter(optimizer):
     return inner._iterations, every
 
 
-def _optimizer_steps(calls, every):
-    """The optimizer step of a train step, from the count of train steps."""
-    return calls if every == 1 else ops.floor_divide(calls, every)
-
-
 def _tf_distribute_strategy(model):
     """The class name of the `tf.distribute` strategy `model` trains under, or `None`."""
     if keras.backend.backend() != "tensorflow":
@@ -496,24 +382,10 @@ def _tf_distribute_strategy(model):
     return name
 
 
-def _specs(model):
-    """Per Keras list, the `(shape, dtype)` of each variable."""
-    return tuple(
-        tuple((tuple(v.shape), v.dtype) for v in variables)
-        for variables in (
-            model.trainable_variables,
-            model.non_trainable_variables,
-            model.optimizer.variables,
-        )
-    )
-
-
 def variant_name(key):
-    """`"full"`, `"static 0,11"`, `"k=7"`, `"conditional"` or `"host"`."""
+    """`"full"`, `"static 0,11"`, `"loop"`, `"conditional"` or `"host"`."""
     if key[0] == "static":
         if all(key[1]):
             return "full"
         return "static " + ",".join(str(i) for i, on in enumerate(key[1]) if on)
-    if key[0] == "gather":
-        return f"k={key[1]}"
-    return "conditional" if key[0] == "drawn" else key[0]
+    return key[0]

@@ -6,27 +6,26 @@ a block so that, inside a training step of a `keras_raptr.RandomPartModel`,
 the block runs only when it is on that step's random path. Everywhere else
 (evaluation, inference, a model without a schedule) it is the block itself.
 
-How the skip saves compute:
+How the skip saves compute (`keras_raptr/engine/` does the work):
 
-- Most steps know each block's gate when they are traced (a Python bool): a
-  static path, the gathered step of `engine/gather.py` (positions past the
-  path's length are off), and every PyTorch step (its path is computed on
-  the host). An off block is then a plain `return x`: it is not in the
-  step at all.
-- The fallback (blocks of different structures, on JAX and TensorFlow) gates
-  each block with a tensor, inside the compiled step:
-  - JAX: `jax.lax.cond`, forward and backward, with a hand-written VJP: the
-    backward pass recomputes an on-path block from its inputs (which are its
-    only residuals) and skips an off-path one. Layers with random state
-    (dropout) run through their variables' values, and their new seed state
-    leaves the branch as an output.
-  - TensorFlow: `tf.cond`, in `tf.function` with and without XLA.
+- A gate that is a Python bool is known when the step is traced (a static
+  path) or run (every PyTorch step: its path is computed on the host). An
+  off block is then a plain `return x`: it is not in the step at all.
+- The loop step (`engine/loop_jax.py`, `engine/loop_tf.py`, JAX and
+  TensorFlow) gives the first block of the chain a gate that runs the whole
+  path, block by block, on the path's weights, and every other block a gate
+  that passes its input on.
+- The conditional step (`engine/conditional.py`, blocks that the loop step
+  cannot run) gates each block with a scalar boolean tensor: one
+  conditional per block.
 """
 
 import functools
 
 import keras
 from keras import ops
+
+from keras_raptr.engine import conditional
 
 _WRAPPED_ATTR = "_keras_raptr_random_skip"
 
@@ -150,10 +149,13 @@ class RandomSkip(keras.layers.Layer):
                 "when the block is off the path, so pass the hidden states "
                 "positionally."
             )
+        if callable(gate):
+            # The loop step's gate: the whole path, or pass the input on.
+            return gate(self, block_call, args, kwargs)
         on, scale = gate
         if isinstance(on, bool):
-            # Known when tracing (a static path, a gathered position, PyTorch):
-            # a plain `if`, no conditional in the step.
+            # Known when tracing (a static path) or running (PyTorch): a
+            # plain `if`, no conditional in the step.
             if not on:
                 if keras.backend.backend() == "torch":
                     # An eager step: a block that is not residual would
@@ -162,11 +164,12 @@ class RandomSkip(keras.layers.Layer):
                 return args[0]
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
         if keras.backend.backend() == "jax":
-            return _jax_gated(self, block_call, on, scale, args, kwargs)
-        return ops.cond(
-            on,
-            lambda: _residual(self, args[0], block_call(*args, **kwargs), scale),
-            lambda: args[0],
+            return conditional.jax_gated(
+                self, block_call, on, scale, args, kwargs,
+                lambda x, y, s: _residual(self, x, y, s),
+            )
+        return conditional.cond_gated(
+            on, lambda: _residual(self, args[0], block_call(*args, **kwargs), scale), args[0]
         )
 
     def _check_skipped(self, args, kwargs):
@@ -270,129 +273,3 @@ def _residual(skip, x, y, scale):
     if scale is None:
         return y
     return ops.add(x, ops.multiply(ops.subtract(y, x), ops.cast(scale, y.dtype)))
-
-
-def _jax_gated(skip, block_call, on, scale, args, kwargs):
-    """The skip on JAX: a `lax.cond` with a hand-written backward pass.
-
-    The forward pass runs the block under `lax.cond`. Its residuals for the
-    backward pass are the block's inputs and weights themselves (references,
-    not copies); the backward pass is a second `lax.cond` that recomputes the
-    block and takes its VJP when the block was on, and passes the output
-    gradient straight through (zero weight gradients) when it was off.
-    Differentiating a plain `lax.cond` instead would make the skip branch
-    write zeros for every residual of the block (activations, or with
-    `jax.checkpoint` copies of its weights) at every step.
-
-    Random state (dropout seeds) goes in and out of the block explicitly, so
-    the recomputation draws the same masks.
-    """
-    import jax
-
-    block = skip.block
-    trainable = block.trainable_variables
-    state = block.non_trainable_variables
-    weights = [v.value for v in trainable]
-    state_values = [v.value for v in state]
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    if not leaves or leaves[0] is not args[0]:
-        raise ValueError(
-            f"`RandomSkip` needs the first positional input of the block "
-            f"'{block.name}' to be a tensor, got {args[0]!r}."
-        )
-    kinds = []
-    for leaf in leaves:
-        if not isinstance(leaf, jax.Array):
-            kinds.append("static")
-        elif jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
-            kinds.append("float")
-        else:
-            kinds.append("other")
-    floats = [leaf for leaf, k in zip(leaves, kinds) if k == "float"]
-    others = [leaf for leaf, k in zip(leaves, kinds) if k == "other"]
-    scale_value = jax.numpy.ones((), floats[0].dtype) if scale is None else scale
-
-    def run(weights, state_values, floats, others, scale_value):
-        float_it, other_it = iter(floats), iter(others)
-        values = [
-            next(float_it) if k == "float" else next(other_it) if k == "other" else leaf
-            for leaf, k in zip(leaves, kinds)
-        ]
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, values)
-        mapping = list(zip(trainable, weights)) + list(zip(state, state_values))
-        with _ChildScope(mapping) as scope:
-            y = block_call(*call_args, **call_kwargs)
-            new_state = [scope.get_current_value(v) for v in state]
-        y = _residual(skip, call_args[0], y, None if scale is None else scale_value)
-        return y, new_state
-
-    def skip_block(weights, state_values, floats, others, scale_value):
-        return floats[0], list(state_values)
-
-    def forward(on, weights, state_values, floats, others, scale_value):
-        return jax.lax.cond(
-            on, run, skip_block, weights, state_values, floats, others, scale_value
-        )
-
-    gated = jax.custom_vjp(forward)
-
-    def gated_fwd(*inputs):
-        return forward(*inputs), inputs
-
-    def gated_bwd(residuals, cotangents):
-        on, weights, state_values, floats, others, scale_value = residuals
-        dy = cotangents[0]
-
-        def on_path(weights, floats, scale_value):
-            def output(weights, floats, scale_value):
-                return run(weights, state_values, floats, others, scale_value)[0]
-
-            return jax.vjp(output, weights, floats, scale_value)[1](dy)
-
-        def off_path(weights, floats, scale_value):
-            zeros = [jax.numpy.zeros_like(f) for f in floats[1:]]
-            return (
-                [jax.numpy.zeros_like(w) for w in weights],
-                [dy.astype(floats[0].dtype)] + zeros,
-                jax.numpy.zeros_like(scale_value),
-            )
-
-        d_weights, d_floats, d_scale = jax.lax.cond(
-            on, on_path, off_path, weights, floats, scale_value
-        )
-        return None, d_weights, None, d_floats, None, d_scale
-
-    gated.defvjp(gated_fwd, gated_bwd)
-    y, new_state = gated(on, weights, state_values, floats, others, scale_value)
-    for variable, value in zip(state, new_state):
-        variable.assign(value)
-    return y
-
-
-def _child_scope_class():
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-
-    class ChildScope(keras.StatelessScope):
-        """A `StatelessScope` that reads unmapped variables from its parent."""
-
-        def __init__(self, state_mapping):
-            self._parent = get_stateless_scope()
-            super().__init__(state_mapping=state_mapping)
-
-        def get_current_value(self, variable):
-            value = super().get_current_value(variable)
-            if value is None and self._parent is not None:
-                value = self._parent.get_current_value(variable)
-            return value
-
-    return ChildScope
-
-
-def _ChildScope(state_mapping):
-    global _CHILD_SCOPE
-    if _CHILD_SCOPE is None:
-        _CHILD_SCOPE = _child_scope_class()
-    return _CHILD_SCOPE(state_mapping)
-
-
-_CHILD_SCOPE = None

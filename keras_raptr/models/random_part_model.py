@@ -315,6 +315,20 @@ class RandomPartModel(keras.Model):
         return self._steps.compiled_names()
 
     @property
+    def engine_reason(self):
+        """Why the last `fit` trained through the conditional step, or `None`.
+
+        On JAX and TensorFlow a drawn path trains through the loop step (one
+        compiled step for every path) when the blocks share one structure and
+        form one chain of a Functional model (`keras_raptr/engine/blocks.py`);
+        otherwise through one conditional per block, which trains the same
+        paths to the same weights, more slowly, and this sentence says which
+        assumption failed. `None` also on PyTorch, which runs each path
+        eagerly, and before any `fit` with a strategy.
+        """
+        return self._steps.reason
+
+    @property
     def schedule(self):
         """The strategy (`StageSchedule`, ...) of the last `fit`, or `None`."""
         return self._schedule
@@ -347,9 +361,17 @@ class RandomPartModel(keras.Model):
             return super().train_step(*args, **kwargs)
         return self._steps.train_step(super().train_step, args, kwargs)
 
+    def compute_loss_and_updates(self, *args, **kwargs):
+        # JAX: while the loop step traces, on the blocks' stacked state.
+        base = super().compute_loss_and_updates
+        loop = self._steps.loop
+        if loop is not None and getattr(loop, "current", None) is not None:
+            return loop.compute_loss_and_updates(base, *args, **kwargs)
+        return base(*args, **kwargs)
+
     def jax_state_sync(self):
-        # JAX: a `fit` may hold the blocks' state packed (`engine/stacked.py`).
-        self._steps.unpack_jax_state()
+        # JAX: a `fit` may hold the blocks' state stacked (`engine/stacked.py`).
+        self._steps.unstack_jax_state()
         sync = getattr(super(), "jax_state_sync", None)
         if sync is not None:
             sync()
@@ -393,7 +415,47 @@ class RandomPartModel(keras.Model):
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         callbacks = bound.arguments.get("callbacks")
         self._attach(_find_schedule(callbacks))
-        return super().fit(*args, **kwargs)
+        if keras.backend.backend() == "tensorflow" and self._steps.plan is not None:
+            # The loop step keeps the blocks' state in stacks of its own: the
+            # blocks' variables take it back whenever they may be read.
+            bound.arguments["callbacks"] = [_Release(self, callbacks)] + _as_list(callbacks)
+            args, kwargs = bound.args[1:], bound.kwargs
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self._steps.release()
+
+    def evaluate(self, *args, **kwargs):
+        self._steps.release()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        self._steps.release()
+        return super().predict(*args, **kwargs)
+
+    def get_weights(self):
+        self._steps.release()
+        return super().get_weights()
+
+    def save(self, *args, **kwargs):
+        self._steps.release()
+        return super().save(*args, **kwargs)
+
+    def save_weights(self, *args, **kwargs):
+        self._steps.release()
+        return super().save_weights(*args, **kwargs)
+
+    @property
+    def trainable_weights(self):
+        weights = super().trainable_weights
+        loop = self.__dict__.get("_steps") and self._steps.loop
+        if loop is not None and getattr(loop, "current", None) is not None:
+            # TensorFlow, while the loop step traces: Keras differentiates
+            # the blocks' stacks in place of their variables.
+            swap = getattr(loop, "trainable_weights", None)
+            if swap is not None:
+                return swap(weights)
+        return weights
 
     def _attach(self, schedule):
         """Attaches a strategy (or `None`: train the full network)."""
@@ -443,6 +505,56 @@ class RandomPartModel(keras.Model):
                 )
             blocks = [by_name[name] for name in names]
         return cls(model, blocks=blocks, **config)
+
+
+def _as_list(callbacks):
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        return list(callbacks.callbacks)
+    return list(callbacks)
+
+
+class _Release(keras.callbacks.Callback):
+    """TensorFlow: hands the blocks' state back to their variables.
+
+    First among `fit`'s callbacks: at every epoch's end and when training
+    ends, and after every batch when another callback may read the model
+    mid-epoch (one with batch hooks, other than Keras' progress bar and
+    History and this library's own), the blocks' variables take back the
+    state the loop step keeps in its stacks (`engine/loop_tf.py`).
+    """
+
+    _QUIET = ("ProgbarLogger", "History", "TrainFlops", "_Release")
+
+    def __init__(self, model, callbacks):
+        super().__init__()
+        self._target = model
+        self._every_batch = any(
+            _has_batch_hooks(cb)
+            for cb in _as_list(callbacks)
+            if type(cb).__name__ not in self._QUIET and not isinstance(cb, PathStrategy)
+        )
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._every_batch:
+            self._target._steps.release()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._target._steps.release()
+
+    def on_train_end(self, logs=None):
+        self._target._steps.release()
+
+
+def _has_batch_hooks(callback):
+    base = keras.callbacks.Callback
+    return any(
+        getattr(type(callback), name, None) is not getattr(base, name)
+        for name in (
+            "on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end",
+        )
+    )
 
 
 def _find_schedule(callbacks):
