@@ -90,3 +90,53 @@ class Stacks:
 
     def rest_variables(self, variables, which):
         return [variables[n] for n in self.rest[which]]
+
+
+class FlatRows:
+    """Roles laid end to end: one flat row per block and dtype.
+
+    TensorFlow's loop step keeps each group of roles that share a dtype as
+    one `(L, P)` array, so that reading or writing a block's row is one
+    operation whatever the number of roles (TensorFlow's graph runs op by
+    op: a step of per-role reads and writes would be bound by their count).
+
+    Args:
+        specs: per role, `(shape, dtype)`.
+        kinds: optional, per role, a group key beside the dtype (an
+            optimizer slot's kind: the `k`-th slot of every weight).
+    """
+
+    def __init__(self, specs, kinds=None):
+        self.specs = [(tuple(shape), dtype) for shape, dtype in specs]
+        kinds = kinds or [0] * len(specs)
+        groups = {}
+        for role, ((shape, dtype), kind) in enumerate(zip(self.specs, kinds)):
+            size = 1
+            for d in shape:
+                size *= d
+            entries = groups.setdefault((kind, str(dtype)), [])
+            offset = entries[-1][1] + entries[-1][2] if entries else 0
+            entries.append((role, offset, size, shape))
+        self.keys = sorted(groups)
+        self.groups = [groups[key] for key in self.keys]
+        self.widths = [entries[-1][1] + entries[-1][2] for entries in self.groups]
+        self.dtypes = [key[1] for key in self.keys]
+
+    def split(self, rows):
+        """Per role, its value, from one row per group."""
+        out = [None] * len(self.specs)
+        for row, entries in zip(rows, self.groups):
+            pieces = ops.split(row, [offset for _, offset, _, _ in entries[1:]]) if len(
+                entries
+            ) > 1 else [row]
+            for (role, _, _, shape), piece in zip(entries, pieces):
+                out[role] = ops.reshape(piece, shape)
+        return out
+
+    def join(self, values):
+        """One row per group, from each role's value."""
+        rows = []
+        for entries, dtype in zip(self.groups, self.dtypes):
+            parts = [ops.reshape(ops.cast(values[role], dtype), (-1,)) for role, *_ in entries]
+            rows.append(parts[0] if len(parts) == 1 else ops.concatenate(parts))
+        return rows
