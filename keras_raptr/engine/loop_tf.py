@@ -536,19 +536,17 @@ def _assign_one(variable, value):
 
 
 def _xla():
-    """Whether the step is being compiled by XLA (which needs static bounds)."""
+    """Whether XLA compiles the step being traced (it needs a static trip bound).
+
+    Graph mode needs no bound, so the forward loop only gets one under XLA.
+    """
     import tensorflow as tf
 
     graph = tf.compat.v1.get_default_graph()
-    return bool(getattr(graph, "_xla_compile", False)) or _in_xla_context()
-
-
-def _in_xla_context():
+    if getattr(graph, "_xla_compile", False):
+        return True
     try:
         from tensorflow.python.ops import control_flow_util
-
-        return control_flow_util.GraphOrParentsInXlaContext(
-            __import__("tensorflow").compat.v1.get_default_graph()
-        )
-    except Exception:
+    except ImportError:  # pragma: no cover - a bound is always correct
         return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
