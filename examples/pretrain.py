@@ -1166,7 +1166,7 @@ def _train(args, output_dir, callbacks, devices, save_options=False):
         "corpus_windows": len(train),
         "corpus_passes": rows / len(train),
         "max_reads_per_window": -(-rows // len(train)),
-        # The train steps this invocation compiled (one per kind of path),
+        # The train steps this invocation compiled (RaPTr: one, "loop"),
         # and the seconds their first calls took (tracing and compiling).
         "compiled_train_steps": dict(getattr(model, "compiled_train_steps", {})),
         "compile_seconds": sum(getattr(model, "compiled_train_steps", {}).values()),

@@ -13,15 +13,15 @@ attention layer over sequences of length `s` with `d` = heads x head size
   runs on the masked positions only).
 
 Not counted: embedding lookups, biases, normalisation and other elementwise
-work, and the copies of the gathered step (memory traffic, no FLOPs). The
-gathered step (JAX and TensorFlow, blocks of one structure) and PyTorch run
-each on-path block once forward and once backward, which is what is counted:
-`tests/engine_test.py` holds XLA's FLOPs of a drawn path's step within 1.05x
-of a plain model of the path's length. Only the conditional fallback on JAX
-(blocks of different structures) does more than counted: it recomputes each
-drawn on-path block's forward pass in the backward pass
-(`layers/random_skip.py`). The estimate is what strategies are compared on,
-not a measurement.
+work, and the loop step's copies (memory traffic, no FLOPs). The loop step
+(JAX and TensorFlow) and PyTorch run each on-path block once forward and
+once backward, which is what is counted: `tests/engine_test.py` holds XLA's
+FLOPs of the loop step, credited with the path's blocks (XLA counts a
+loop's body once), within 1.05x of a plain model of the path's length. Only
+the conditional step on JAX (models that fail the loop step's checks) does
+more than counted: it recomputes each drawn on-path block's forward pass in
+the backward pass (`engine/conditional.py`). The estimate is what
+strategies are compared on, not a measurement.
 """
 
 import numbers

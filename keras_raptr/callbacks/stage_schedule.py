@@ -21,8 +21,16 @@ optimizer state are left as they are (`off_path_update="skip"`). With
 with a zero gradient, as an implementation that masks the skipped blocks'
 outputs would: their moments decay and weight decay applies, at the cost of
 every block's optimizer update. `compute_fraction()` gives the expected
-block compute. On JAX, a free (non-fixed) block on the path recomputes its
-forward pass in the backward pass (see `layers/random_skip.py`).
+block compute. On JAX and TensorFlow every stage, every path length and
+the full network train through one compiled step (`engine/loop_jax.py`,
+`engine/loop_tf.py`): no block runs twice, and no step is compiled per path
+length. What that step adds to the path's blocks is memory traffic: each
+block's residuals are copied into a workspace and read back (JAX), and the
+blocks' state is copied into row storage and back at each epoch's end
+(BENCHMARKS.md measures both). Models whose blocks fail the loop step's
+checks (`RandomPartModel.engine_reason`) take one conditional per block,
+where a path block's forward pass is recomputed in its backward pass on
+JAX.
 
 How to use it: wrap the model in `keras_raptr.RandomPartModel` and pass a
 `StageSchedule` to `fit`.

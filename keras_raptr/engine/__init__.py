@@ -8,17 +8,21 @@ Read in this order:
 - `path.py`: the path of an optimizer step, a pure function of
   `(seed, step)`, identical on the host and inside the step, on every
   backend.
-- `steps.py`: which train step runs the coming steps (picked on the host),
-  the step of each kind, and the dispatcher that compiles each once.
-- `gather.py`: the drawn-path step on JAX and TensorFlow without a
-  conditional per block: the on-path blocks' weights and optimizer slots are
-  gathered into the first `k` block positions, a plain `k`-block network
-  trains, and the results scatter back.
-- `stacked.py`: JAX only: between gathered steps, `fit` threads the blocks'
-  state stacked (per dtype, one `(L, P)` array, a row per block), so that a
-  step reads and writes only its path's rows.
-- `optimizer_gate.py`: what the optimizer does to the off-path blocks: zero
-  gradients under `off_path_update="zero_grad"`; and (the default, "skip")
-  the fallback for blocks of different structures: one
-  conditional per block in the forward, backward and optimizer update.
+- `steps.py`: which train step runs the coming steps (picked on the host:
+  the loop step, a static path's, the conditional step or PyTorch's host
+  path), and each one's body.
+- `blocks.py`: what the loop step assumes of the blocks (one structure, one
+  chain, the same call arguments, no cross-block terms), checked before it
+  runs; where each block's variables and optimizer slots sit.
+- `stacked.py`: the blocks' state stacked by role, a row per block.
+- `loop_jax.py`, `loop_tf.py`: the loop step, one compiled train step for
+  every path: the path's length is data, a loop runs block 0's code on each
+  path block's row, forward, backward and in the optimizer.
+- `conditional.py` and `optimizer_gate.py`: the step that assumes nothing:
+  a gate per block (a Python bool, or one conditional per block), and what
+  the optimizer does to the blocks off the path (`off_path_update`).
+- `scopes.py`: calling a layer or optimizer on values instead of variables.
+- `dispatch.py`: the train function `fit` calls: one compiled function per
+  variant, built and timed on first use, with the state converted between
+  the variants' forms.
 """

@@ -1,4 +1,9 @@
-"""What the optimizer does to the blocks off the path.
+"""What the optimizer does to the blocks off the path, in a gated step.
+
+The loop step (`loop_jax.py`, `loop_tf.py`) updates the path's rows only
+(`off_path_update="skip"`) or every row (`"zero_grad"`) itself. The steps
+with a gate per block (`conditional.py`: static paths, PyTorch's host path,
+the conditional step) use what is here:
 
 `off_path_update="skip"` (the default): `skip_off_path_updates`, below.
 `off_path_update="zero_grad"`: `zero_off_path_gradients`, at the end.
@@ -21,7 +26,7 @@ are, and its update costs nothing.
   gradients are dropped before the optimizer sees them.
 - A gate that is a Python bool (PyTorch, or a path that is the same at every
   step of a stage) decides when tracing: no conditional at all. On
-  TensorFlow such a step needs no gate (`engine/steps.py`): the blocks off
+  TensorFlow such a step needs no gate (`conditional.run_gated`): the blocks off
   the path have no gradient, and Keras' optimizer leaves them out.
 """
 

@@ -101,10 +101,11 @@ class RandomSkip(keras.layers.Layer):
         kwargs.setdefault("dtype", block.dtype_policy)
         super().__init__(**kwargs)
         self.block = block
-        # Set by `RandomPartModel` while a gated training step is traced:
-        # `(on, scale)`, where `on` is a scalar boolean tensor (a Python bool
-        # on PyTorch) and `scale` is `None` or the factor for the residual
-        # update. `None` means "run the block".
+        # Set by `RandomPartModel` while a training step is traced (or run,
+        # on PyTorch): `(on, scale)`, where `on` is a scalar boolean tensor
+        # or a Python bool and `scale` is `None` or the factor for the
+        # residual update; or the loop step's callable gate. `None` means
+        # "run the block".
         self._gate = None
         _install(block, self)
         # (shape, dtype) of the inputs whose output was found to match.

@@ -31,14 +31,14 @@ class RandomPartModel(keras.Model):
     and always in `evaluate`, `predict` and `model(x)`, the full network runs:
     the output equals `model.inner(x)`.
 
-    Before each execution the host computes the coming steps' paths and picks
-    a train step, each compiled once on first use (see
-    `compiled_train_steps`): a path the strategy knows to be the same at every
-    step (every block, the fixed blocks, a stacking prefix) has its own; on
-    JAX and TensorFlow a drawn path of `k` blocks runs the gathered step for
-    `k` (`keras_raptr/engine/gather.py`: a plain `k`-block network, with no
-    conditional), or, for blocks of different structures, a step with one
-    conditional per block. PyTorch runs each step's path eagerly.
+    On JAX and TensorFlow one compiled train step serves every path, stage
+    and strategy (`compiled_train_steps` lists it as `"loop"`): the path's
+    length is data inside the step, and a loop runs the path's blocks
+    (`keras_raptr/engine/loop_jax.py`, `loop_tf.py`). It requires blocks of
+    one structure, called in one chain of a Functional model (a keras-hub
+    backbone is one) with the same arguments; other models train the same
+    paths through one conditional per block, with a warning, and
+    `engine_reason` says why. PyTorch runs each step's path eagerly.
 
     Args:
         model: `keras.Model` or `keras.layers.Layer`. The model to wrap.
@@ -306,11 +306,12 @@ class RandomPartModel(keras.Model):
 
         A dict from a variant's name to the wall-clock seconds of its first
         call, which traces and compiles it (and runs its first steps):
-        `"full"` (every block), `"static <on-blocks>"` (a path that is the
-        same at every step: the fixed blocks, a stacking prefix), `"k=<k>"`
-        (the gathered step for drawn paths of `k` blocks) and
-        `"conditional"` (the fallback with one conditional per block). Empty
-        on PyTorch, which runs eagerly.
+        `"loop"` (every path of a strategy), `"full"` (a `fit` without a
+        strategy: Keras' own step) and, for models that fail the loop
+        step's checks, `"conditional"` (one conditional per block) and
+        `"static <on-blocks>"` (a path that is the same at every step of an
+        execution: the fixed blocks, a stacking prefix). Empty on PyTorch,
+        which runs eagerly.
         """
         return self._steps.compiled_names()
 
