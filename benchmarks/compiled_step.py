@@ -1,25 +1,33 @@
-"""What the compiled train step of a drawn path contains, on any machine.
+"""What the compiled loop step contains, and its memory, on any machine.
 
 A CPU's wall-clock hides an accelerator's fixed cost per op (a conditional
-costs about 0.2 ms on an H100 whatever it guards), so this counts, in the
+costs about 0.2 ms on an H100 whatever it guards), so this reads the
 optimized HLO of one train step (JAX `jit`; TensorFlow with
-`jit_compile=True`), the conditionals, the matrix products and the distinct
-kernels (what XLA:CPU's code generation time grows with), and reads XLA's
-cost analysis (JAX: FLOPs and bytes accessed) and the seconds one compile
-takes (JAX), for the model of `step_time.py` (8 keras-hub encoder blocks,
-width 128, Adam):
+`jit_compile=True`) for the model of `step_time.py` (L keras-hub encoder
+blocks, width 128, Adam):
 
-- `gathered`: a drawn path of k blocks, the step RaPTr runs;
-- `conditional`: the same path through the fallback (one conditional per
-  block), what every drawn path ran before the gathered step;
-- `plain`: a Keras model built with exactly k blocks.
+- `loop`: the one step RaPTr compiles for every path (JAX: on the stacked
+  state with its workspace, as `fit` runs it);
+- `conditional`: the same paths through one conditional per block (what
+  models that fail the loop step's checks run);
+- `plain k`: a Keras model built with exactly k blocks.
+
+It counts the conditionals, matrix products (a block's forward and backward
+once, whatever L and k: a block recomputed, or every block run and
+multiplied by zero, would add its own) and the arrays the step takes; reads
+XLA's cost analysis, which counts a loop's body once, so a path of k blocks
+is credited the loop step's FLOPs plus k - 1 more blocks (a plain 2-block
+model's FLOPs minus a 1-block one's); and (JAX) XLA's memory analysis: the
+bytes of the step's arguments (weights, optimizer state, and the loop's
+workspace of residuals) plus its temporaries, against a plain L-block
+model's, and the seconds one compile takes.
 
     python benchmarks/compiled_step.py                 # jax and tensorflow
     python benchmarks/compiled_step.py --backends jax
 
 Writes `benchmarks/results/compiled_step.json` and `compiled_step.md`.
-Compiling is all it does: it takes a few minutes, and only the compile
-seconds need a quiet machine.
+Compiling is all it does: a few minutes; only the compile seconds need a
+quiet machine.
 """
 
 import argparse
@@ -72,9 +80,12 @@ def compiled(model, x, y, variant=None):
         executable = lowered.compile()
         seconds = time.perf_counter() - start
         cost = executable.cost_analysis()
+        memory = executable.memory_analysis()
         return executable.as_text(), {
             "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
             "compile_s": round(seconds, 2),
+            "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+            "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
         }
     import tensorflow as tf
 
@@ -136,53 +147,67 @@ def run_child(args):
     shape = (args.batch_size, options.seq_len, options.hidden_dim)
     x = rng.normal(size=shape).astype("float32")
     y = rng.normal(size=shape).astype("float32")
+    num_blocks = options.num_blocks
+    plain = {}
+    for k in sorted({1, 2, num_blocks, *args.lengths}):
+        model, _ = step_time.build(options, k, False)
+        model.fit(x, y, batch_size=args.batch_size, verbose=0)
+        plain[k] = counts(*compiled(model, x, y))
+    model, callbacks = step_time.build(options, num_blocks, True, num_blocks / 2)
+    model.fit(x, y, batch_size=args.batch_size, callbacks=callbacks, verbose=0)
+    assert model.engine_reason is None, model.engine_reason
+    loop = counts(*compiled(model, x, y, ("loop",)))
+    conditional = counts(*compiled(model, x, y, ("conditional",)))
     rows = []
     for k in args.lengths:
-        model, callbacks = step_time.build(options, options.num_blocks, True, k + 0.5)
-        model.fit(x, y, batch_size=args.batch_size, callbacks=callbacks, verbose=0)
-        assert model._steps.layout() is not None, model._steps.fallback_reason
-        plain, _ = step_time.build(options, k, False)
-        plain.fit(x, y, batch_size=args.batch_size, verbose=0)
-        row = {
-            "path_length": k,
-            "num_blocks": options.num_blocks,
-            "gathered": counts(*compiled(model, x, y, ("gather", k))),
-            "conditional": counts(*compiled(model, x, y, ("drawn",))),
-            "plain": counts(*compiled(plain, x, y)),
-        }
+        row = {"path_length": k, "plain": plain[k]}
+        if loop.get("flops") and plain[1].get("flops"):
+            block = plain[2]["flops"] - plain[1]["flops"]
+            row["loop_flops_credited"] = loop["flops"] + (k - 1) * block
+            row["flops_ratio"] = round(row["loop_flops_credited"] / plain[k]["flops"], 4)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    return {"backend": keras.backend.backend(), "batch_size": args.batch_size, "rows": rows}
+    return {
+        "backend": keras.backend.backend(), "batch_size": args.batch_size,
+        "num_blocks": num_blocks, "loop": loop, "conditional": conditional,
+        "plain_1": plain[1], "plain_full": plain[num_blocks], "rows": rows,
+    }
 
 
 def table(results):
     lines = [
-        "| backend | path | conditionals: gathered / fallback / plain | matrix products: gathered / fallback / plain | arrays passed: gathered / fallback / plain | XLA FLOPs gathered / plain | bytes accessed gathered / plain | distinct kernels: gathered / plain | compile s: gathered / plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | step | conditionals | matrix products | arrays passed | XLA FLOPs / plain k | memory MB (arguments + temporaries) | compile s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def memory(c):
+        if c.get("argument_bytes") is None:
+            return "n/a"
+        return f"{(c['argument_bytes'] + c['temp_bytes']) / 2**20:.1f} ({c['argument_bytes'] / 2**20:.1f} + {c['temp_bytes'] / 2**20:.1f})"
+
     for result in results:
-        for row in result["rows"]:
-            g, c, p = row["gathered"], row["conditional"], row["plain"]
-            flops = bytes_ = "n/a"
-            if g.get("flops"):
-                flops = f"{g['flops'] / p['flops']:.3f}"
-                bytes_ = f"{g['bytes_accessed'] / p['bytes_accessed']:.2f}"
+        b, n = result["backend"], result["num_blocks"]
+
+        def line(name, c, flops="n/a"):
             lines.append(
-                f"| {result['backend']} | {row['path_length']} of {row['num_blocks']} | "
-                f"{g['conditionals']} / {c['conditionals']} / {p['conditionals']} | "
-                f"{g['dots']} / {c['dots']} / {p['dots']} | "
-                f"{g.get('arguments', 'n/a')} / {c.get('arguments', 'n/a')} / "
-                f"{p.get('arguments', 'n/a')} | {flops} | {bytes_} | "
-                f"{g['distinct_kernels']} / {p['distinct_kernels']} | "
-                f"{g.get('compile_s', 'n/a')} / {p.get('compile_s', 'n/a')} |"
+                f"| {b} | {name} | {c['conditionals']} | {c['dots']} | "
+                f"{c.get('arguments', 'n/a')} | {flops} | {memory(c)} | "
+                f"{c.get('compile_s', 'n/a')} |"
             )
+
+        line(f"loop (every path of {n} blocks)", result["loop"])
+        line(f"conditional ({n} blocks)", result["conditional"])
+        line("plain 1 block", result["plain_1"])
+        for row in result["rows"]:
+            line(f"plain {row['path_length']} blocks", row["plain"],
+                 f"loop at {row['path_length']} of {n}: {row.get('flops_ratio', 'n/a')}")
+        line(f"plain {n} blocks (the full model)", result["plain_full"])
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="jax,tensorflow")
-    parser.add_argument("--lengths", default="2,4")
+    parser.add_argument("--lengths", default="2,4,6")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output-dir", default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

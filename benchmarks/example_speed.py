@@ -141,8 +141,8 @@ def markdown(rows, args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--steps", type=int, default=720)
-    parser.add_argument("--eval-every", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--example-args", default="",
                         help='more options for the example, e.g. "--num-layers 6"')
     parser.add_argument("--repeats", type=int, default=3)
