@@ -349,6 +349,25 @@ def test_blocks_of_one_structure_pass_the_checks_without_a_config():
     assert "block 2" in engine_blocks.structure_reason(blocks)
 
 
+def _functional_block(wiring):
+    inputs = keras.Input((16,))
+    first, second = keras.layers.Dense(16), keras.layers.Dense(16)
+    if wiring == "chain":
+        outputs = keras.layers.Add()([inputs, second(first(inputs))])
+    else:  # the same layers, side by side
+        outputs = keras.layers.Add()([first(inputs), second(inputs)])
+    return keras.Model(inputs, outputs)
+
+
+def test_functional_blocks_compare_their_graphs_not_their_layer_names():
+    # Blocks built by one function have the same graph under other names.
+    blocks = [_functional_block("chain") for _ in range(3)]
+    assert engine_blocks.structure_reason(blocks) is None
+    # The same layers wired otherwise compute something else.
+    blocks.append(_functional_block("parallel"))
+    assert "block 3" in engine_blocks.structure_reason(blocks)
+
+
 # ----------------------------------------------------------------------
 # What the optimizer does to the blocks off the path (`off_path_update`).
 

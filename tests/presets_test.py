@@ -73,6 +73,8 @@ def test_preset_to_raptr_and_back_to_plain_keras_hub(arch, tmp_path):
     assert history.history["stage"] == [0]
     assert history.history["path_length"] == [3.0]
     assert "sparse_categorical_accuracy" in history.history
+    # keras-hub's blocks pass the loop step's checks: no fallback.
+    assert model.engine_reason is None, model.engine_reason
 
     if hasattr(model.inner, "generate"):
         generated = model.generate([TEXTS[0][:9]], max_length=8)

@@ -1,6 +1,6 @@
 """What the loop step assumes of the blocks, checked before it runs.
 
-The loop step (`loop.py`) trains a drawn path by running the *first* block's
+The loop step (`loop_jax.py`, `loop_tf.py`) trains a drawn path by running the *first* block's
 code once per path position `t`, on the weights, state and optimizer slots of
 block `idx[t]`. That trains exactly the network the real path trains only if:
 
@@ -98,19 +98,45 @@ def signature(layer):
     """
     try:
         config = dict(layer.get_config())
-        config.pop("name", None)
-        config = repr(sorted(config.items(), key=lambda item: item[0]))
     except Exception:  # keras-hub's Llama decoder: `get_config` fails.
         config = None
+    names = _layer_names(layer)
+    if config is not None:
+        config.pop("name", None)
+        config = repr(_without_names(config, names))
     sublayers = layer._flatten_layers(include_self=False, recursive=False)
     return (
         type(layer),
         config,
-        _attributes(layer),
+        [(key, *_without_names(values, names)) for key, *values in _attributes(layer)],
         getattr(layer.dtype_policy, "name", None),
         [(tuple(v.shape), v.dtype, v.trainable) for v in layer.weights],
         [signature(sub) for sub in sublayers],
     )
+
+
+def _layer_names(layer):
+    """Each nested layer's name, mapped to its position in `layer`."""
+    names = {}
+    for i, sub in enumerate(layer._flatten_layers(include_self=True, recursive=True)):
+        names.setdefault(sub.name, f"<layer {i}>")
+    return names
+
+
+def _without_names(config, names):
+    """`config` with every layer name replaced by that layer's position.
+
+    A Functional block's configuration names its layers and wires them by
+    name (`inbound_nodes`); two blocks built by one function get different
+    names (`dense_1`, `dense_4`) for the same graph.
+    """
+    if isinstance(config, dict):
+        return sorted((k, _without_names(v, names)) for k, v in config.items())
+    if isinstance(config, (list, tuple)):
+        return [_without_names(v, names) for v in config]
+    if isinstance(config, str):
+        return names.get(config, config)
+    return config
 
 
 _SIMPLE = (bool, int, float, str, type(None))

@@ -1,9 +1,10 @@
 """The blocks' state stacked by role: one array per role, a row per block.
 
-The loop step (`loop.py`) reads block `idx[t]`'s weights, state and optimizer
-slots as row `idx[t]` of one array per *role* (`blocks.Layout`): the `j`-th
-weight of every block stacked into one `(L, *shape_j)` array, and so for the
-non-trainable state (dropout seeds) and for each optimizer slot. A step then
+The loop step (`loop_jax.py`, `loop_tf.py`) reads block `idx[t]`'s weights,
+state and optimizer slots as row `idx[t]` of one array per *role*
+(`blocks.Layout`): the `j`-th weight of every block stacked into one
+`(L, *shape_j)` array, and so for the non-trainable state (dropout seeds)
+and for each optimizer slot. A step then
 touches only its path's rows, in a handful of operations whatever `L` is.
 
 `Stacks` converts Keras' three lists of per-variable values (trainable,
