@@ -19,7 +19,8 @@ speed-up next to the ideal one from the FLOPs accounting
     python benchmarks/example_speed.py --backends jax --repeats 1
 
 The baseline and RaPTr runs alternate, `--repeats` times (3) per backend;
-the figures are medians. The table also gives the train steps RaPTr compiled
+the figures are medians (`--reuse` takes finished runs already under
+`--runs-dir`). The table also gives the train steps RaPTr compiled
 and the seconds their first calls took. Writes
 `benchmarks/results/example_speed[_<tag>].json` and `.md`. Run it alone on
 the machine.
@@ -40,6 +41,10 @@ BACKENDS = ("jax", "tensorflow", "torch")
 
 
 def run_example(backend, method, args, directory):
+    if args.reuse:
+        summary = _finished_run(directory, method, args)
+        if summary is not None:
+            return summary
     command = [
         sys.executable, os.path.join(ROOT, "examples", "pretrain.py"),
         "--method", method, "--steps", str(args.steps),
@@ -54,6 +59,23 @@ def run_example(backend, method, args, directory):
         raise SystemExit(f"{backend} {method}: the example failed (exit {completed.returncode})")
     with open(os.path.join(directory, "summary.json")) as f:
         return json.load(f)
+
+
+def _finished_run(directory, method, args):
+    """The summary of a run already in `directory` with these options, if any."""
+    try:
+        with open(os.path.join(directory, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    options = summary.get("options", {})
+    same = (
+        summary.get("method") == method
+        and summary.get("steps") == args.steps
+        and options.get("eval_every") == args.eval_every
+        and options.get("seed") == 0
+    )
+    return summary if same else None
 
 
 def train_seconds(summary):
@@ -150,6 +172,10 @@ def parse_args(argv=None):
                         help="appended to the result file names, e.g. the accelerator's name")
     parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--runs-dir", default=os.path.join("runs", "example_speed"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a run already under --runs-dir with the same steps and "
+                             "--eval-every instead of running it again (an interrupted "
+                             "benchmark, or a table of runs made with another version)")
     args = parser.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     unknown = [b for b in args.backends if b not in BACKENDS]

@@ -200,7 +200,7 @@ def test_quality_bad_arguments(quality, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path):
+def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path, monkeypatch):
     speed = load("example_speed")
     backend = keras.backend.backend()
     argv = [
@@ -229,6 +229,17 @@ def test_example_speed_runs_both_methods_and_compares_with_the_ideal(tmp_path):
         assert compiled == {"baseline": 1, "raptr": 1}
         assert list(baseline["compiled_train_steps"]) == ["full"]
         assert list(raptr["compiled_train_steps"]) == ["loop"]
+    # `--reuse` builds the same table from the finished runs, running nothing;
+    # other options run again.
+    def no_run(*args, **kwargs):
+        raise AssertionError("--reuse ran the example again")
+
+    monkeypatch.setattr(speed.subprocess, "run", no_run)
+    assert speed.main(argv + ["--reuse", "--tag", "again"]) == 0
+    with open(tmp_path / "results" / "example_speed_again.json") as f:
+        assert json.load(f)["backends"][0]["runs"] == row["runs"]
+    with pytest.raises(AssertionError, match="ran the example again"):
+        speed.main([*argv, "--reuse", "--steps", "9"])
 
 
 def test_ideal_speedup_with_the_head_at_masked_positions():
