@@ -1,4 +1,4 @@
-"""benchmarks/quality.py and benchmarks/example_speed.py, in a tiny configuration.
+"""benchmarks/quality.py, example_speed.py and compile_time.py, in a tiny configuration.
 
 The benchmarks' numbers are not checked here (they are measurements); what
 is checked is that they measure what they say: the step losses, the paired
@@ -265,3 +265,25 @@ def _texts(tmp_path):
     for i in range(3):
         (tmp_path / f"part_{i}.txt").write_text("\n\n".join(texts[i::3]))
     return str(tmp_path / "part_*.txt")
+
+
+def test_compile_time_counts_one_raptr_step_against_the_baselines_one(tmp_path):
+    compile_time = load("compile_time")
+    backend = keras.backend.backend()
+    argv = ["--num-blocks", "4", "--steps", "6", "--batch-size", "2",
+            "--output-dir", str(tmp_path)]
+    if backend == "torch":
+        # PyTorch compiles nothing: no mode measures it.
+        with pytest.raises(SystemExit) as info:
+            compile_time.main(["--modes", "torch", *argv])
+        assert info.value.code == 2
+        return
+    assert compile_time.main(["--modes", backend, *argv]) == 0
+    with open(tmp_path / "compile_time.json") as f:
+        (result,) = json.load(f)
+    (row,) = result["rows"]
+    assert (result["backend"], row["num_blocks"]) == (backend, 4)
+    # `2-3-4` over 6 steps meets paths of several lengths: one loop step.
+    assert list(row["baseline"]["compiled_train_steps"]) == ["full"]
+    assert list(row["raptr"]["compiled_train_steps"]) == ["loop"]
+    assert f"| {backend} | 4 |" in (tmp_path / "compile_time.md").read_text()
