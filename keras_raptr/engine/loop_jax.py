@@ -92,7 +92,24 @@ class _Step:
         self.new_state = None
 
 
-class JaxLoop:
+class _Chain:
+    """How both loops meet the blocks' calls: block 0 runs the path, the rest pass it on."""
+
+    def check_first(self, skip, args):
+        if skip is not self.skip or not args:
+            raise LoopUnsupported(f"the block '{skip.block.name}' was called first, not block 0")
+
+    def pass_on(self, index, skip, args):
+        current = self.current
+        if not args or current.last is None or args[0] is not current.last:
+            raise LoopUnsupported(
+                f"block {index} ('{skip.block.name}') was not called with the "
+                f"previous block's output right after it"
+            )
+        return args[0]
+
+
+class JaxLoop(_Chain):
     """The loop step of one model on JAX (see the module docstring).
 
     Args:
@@ -272,22 +289,12 @@ class JaxLoop:
     # ------------------------------------------------------------------
     # The forward and backward loops.
 
-    def pass_on(self, index, skip, args):
-        current = self.current
-        if not args or current.last is None or args[0] is not current.last:
-            raise LoopUnsupported(
-                f"block {index} ('{skip.block.name}') was not called with the "
-                f"previous block's output right after it"
-            )
-        return args[0]
-
     def run_path(self, skip, block_call, args, kwargs):
         import jax
         import jax.numpy as jnp
 
         current = self.current
-        if skip is not self.skip or not args:
-            raise LoopUnsupported(f"the block '{skip.block.name}' was called first, not block 0")
+        self.check_first(skip, args)
         x = args[0]
         leaves, treedef = jax.tree_util.tree_flatten((args[1:], kwargs))
         kinds = [_kind(leaf) for leaf in leaves]

@@ -50,6 +50,7 @@ from keras_raptr.engine.loop_jax import Head
 from keras_raptr.engine.loop_jax import LoopUnsupported
 from keras_raptr.engine.loop_jax import Tail
 from keras_raptr.engine.loop_jax import _no_global_clipnorm
+from keras_raptr.engine.loop_jax import _Chain
 from keras_raptr.engine.loop_jax import _Step
 from keras_raptr.engine.loop_jax import positions
 from keras_raptr.engine.stacked import NON_TRAINABLE
@@ -66,7 +67,7 @@ _ELEMENTWISE = (
 )
 
 
-class TfLoop:
+class TfLoop(_Chain):
     """The loop step of one model on TensorFlow (see the module docstring)."""
 
     def __init__(self, model, layout):
@@ -246,21 +247,11 @@ class TfLoop:
     # ------------------------------------------------------------------
     # The forward loop.
 
-    def pass_on(self, index, skip, args):
-        current = self.current
-        if not args or current.last is None or args[0] is not current.last:
-            raise LoopUnsupported(
-                f"block {index} ('{skip.block.name}') was not called with the "
-                f"previous block's output right after it"
-            )
-        return args[0]
-
     def run_path(self, skip, block_call, args, kwargs):
         import tensorflow as tf
 
         current = self.current
-        if skip is not self.skip or not args:
-            raise LoopUnsupported(f"the block '{skip.block.name}' was called first, not block 0")
+        self.check_first(skip, args)
         from keras_raptr.layers.random_skip import _check_output
 
         x = args[0]
