@@ -95,6 +95,15 @@ class _Step:
 class _Chain:
     """How both loops meet the blocks' calls: block 0 runs the path, the rest pass it on."""
 
+    @contextlib.contextmanager
+    def _gates(self):
+        gates = [Head(self)] + [Tail(self, i) for i in range(1, self.stacks.num_blocks)]
+        object.__setattr__(self.model, "_gates", gates)
+        try:
+            yield
+        finally:
+            object.__setattr__(self.model, "_gates", None)
+
     def check_first(self, skip, args):
         if skip is not self.skip or not args:
             raise LoopUnsupported(f"the block '{skip.block.name}' was called first, not block 0")
@@ -237,15 +246,6 @@ class JaxLoop(_Chain):
             if model.optimizer.variables[n] is counter:
                 return position
         raise RuntimeError("The optimizer's step counter is not among its variables.")
-
-    @contextlib.contextmanager
-    def _gates(self):
-        gates = [Head(self)] + [Tail(self, i) for i in range(1, self.stacks.num_blocks)]
-        object.__setattr__(self.model, "_gates", gates)
-        try:
-            yield
-        finally:
-            object.__setattr__(self.model, "_gates", None)
 
     @contextlib.contextmanager
     def _optimizer_hook(self):

@@ -46,9 +46,7 @@ from keras import ops
 
 from keras_raptr.engine import scopes
 from keras_raptr.engine.blocks import optimizer_slots
-from keras_raptr.engine.loop_jax import Head
 from keras_raptr.engine.loop_jax import LoopUnsupported
-from keras_raptr.engine.loop_jax import Tail
 from keras_raptr.engine.loop_jax import _no_global_clipnorm
 from keras_raptr.engine.loop_jax import _Chain
 from keras_raptr.engine.loop_jax import _Step
@@ -219,15 +217,6 @@ class TfLoop(_Chain):
             return weights
         owned = {id(v) for block in self.sources[TRAINABLE] for v in block}
         return [w for w in weights if id(w) not in owned] + list(self.arrays[TRAINABLE])
-
-    @contextlib.contextmanager
-    def _gates(self):
-        gates = [Head(self)] + [Tail(self, i) for i in range(1, self.stacks.num_blocks)]
-        object.__setattr__(self.model, "_gates", gates)
-        try:
-            yield
-        finally:
-            object.__setattr__(self.model, "_gates", None)
 
     @contextlib.contextmanager
     def _optimizer_hook(self):
