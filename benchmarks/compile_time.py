@@ -26,12 +26,12 @@ alone on the machine (it measures seconds).
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
+import _child  # noqa: E402
 MODES = {"jax": ("jax", False), "tensorflow": ("tensorflow", False), "tensorflow-xla": ("tensorflow", True)}
 
 
@@ -112,7 +112,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.num_blocks = [int(n) for n in args.num_blocks.split(",")]
     if args.child:
-        print("RESULT " + json.dumps(run_child(args)))
+        _child.report(run_child(args))
         return 0
     results = []
     for mode in [m for m in args.modes.split(",") if m]:
@@ -120,18 +120,13 @@ def main(argv=None):
             parser.error(f"--modes: {mode!r}; choose from {sorted(MODES)}")
         backend, jit = MODES[mode]
         child = [
-            sys.executable, os.path.abspath(__file__), "--child",
             "--num-blocks", ",".join(map(str, args.num_blocks)),
             "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         ] + (["--jit"] if jit else [])
-        out = subprocess.run(
-            child, env=dict(os.environ, KERAS_BACKEND=backend), capture_output=True, text=True
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode or not lines:
-            sys.stderr.write(out.stdout[-2000:] + out.stderr[-3000:])
+        result = _child.run(__file__, child, backend)
+        if result is None:
             return 1
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(result)
     suffix = f"_{args.tag}" if args.tag else ""
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, f"compile_time{suffix}.json"), "w") as f:

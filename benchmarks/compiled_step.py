@@ -34,13 +34,13 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
+import _child  # noqa: E402
 
 
 def compiled(model, x, y, variant=None):
@@ -214,22 +214,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.lengths = [int(k) for k in args.lengths.split(",")]
     if args.child:
-        print("RESULT " + json.dumps(run_child(args)))
+        _child.report(run_child(args))
         return 0
     results = []
     for backend in [b for b in args.backends.split(",") if b]:
         if backend not in ("jax", "tensorflow"):
             parser.error(f"--backends: {backend!r} has no compiled XLA step; use jax or tensorflow")
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        child = [sys.executable, os.path.abspath(__file__), "--child",
-                 "--lengths", ",".join(map(str, args.lengths)),
+        child = ["--lengths", ",".join(map(str, args.lengths)),
                  "--batch-size", str(args.batch_size)]
-        out = subprocess.run(child, env=env, capture_output=True, text=True)
-        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode or not lines:
-            sys.stderr.write(out.stdout[-2000:] + out.stderr[-3000:])
+        result = _child.run(__file__, child, backend)
+        if result is None:
             return 1
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append(result)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "compiled_step.json"), "w") as f:
         json.dump(results, f, indent=1)

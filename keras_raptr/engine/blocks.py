@@ -1,8 +1,9 @@
 """What the loop step assumes of the blocks, checked before it runs.
 
-The loop step (`loop_jax.py`, `loop_tf.py`) trains a drawn path by running the *first* block's
-code once per path position `t`, on the weights, state and optimizer slots of
-block `idx[t]`. That trains exactly the network the real path trains only if:
+The loop step (`loop_jax.py`, `loop_tf.py`) trains a drawn path by running
+the *first* block's code once per path position `t`, on the weights, state
+and optimizer slots of block `idx[t]`. That trains exactly the network the
+real path trains only if:
 
 1. **One structure.** Every block has the class, configuration, attributes,
    sub-layers and variables (shapes, dtypes, order) of block 0, so block 0's
