@@ -14,7 +14,9 @@ blocks, width 128, Adam):
 
 It counts the conditionals, matrix products (a block's forward and backward
 once, whatever L and k: a block recomputed, or every block run and
-multiplied by zero, would add its own) and the arrays the step takes; reads
+multiplied by zero, would add its own), the copies of a stacked array
+inside a loop's body (each would cost the whole stack at every iteration)
+and the arrays the step takes; reads
 XLA's cost analysis, which counts a loop's body once, so a path of k blocks
 is credited the loop step's FLOPs plus k - 1 more blocks (a plain 2-block
 model's FLOPs minus a 1-block one's); and (JAX) XLA's memory analysis: the
@@ -75,7 +77,7 @@ def compiled(model, x, y, variant=None):
             loop = steps.find_loop()
             workspace = loop.workspace_for(state, (x, y), steps.plan.scaling != "none")
             state = loop.stack_state(state, workspace)
-        lowered = jax.jit(step).lower(state, (x, y))
+        lowered = jax.jit(step, donate_argnums=0).lower(state, (x, y))
         start = time.perf_counter()
         executable = lowered.compile()
         seconds = time.perf_counter() - start
@@ -124,10 +126,27 @@ def kernels(text):
     return len(bodies), len(normal)
 
 
-def counts(text, cost):
+def loop_copies(text, num_blocks):
+    """Copies of a stacked array (leading axis `num_blocks`) in a loop's body.
+
+    A loop that updates a stack in place must not copy it: a copy there
+    costs the whole stack's bytes at each iteration (XLA adds one where it
+    cannot order a read of a stack's old rows before the write).
+    """
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", text))
+    found = 0
+    for chunk in re.split(r"\n(?=\S)", text):
+        name = chunk.split(" ", 1)[0].lstrip("%")
+        if name in bodies:
+            found += len(re.findall(rf"= \w+\[{num_blocks},[^\n]* copy\(", chunk))
+    return found
+
+
+def counts(text, cost, num_blocks=None):
     fused, distinct = kernels(text)
     return {
         "conditionals": text.count("conditional("),
+        "stack_copies_in_loops": None if num_blocks is None else loop_copies(text, num_blocks),
         "dots": text.count(" dot("),
         "arguments": arguments(text),
         "kernels": fused,
@@ -156,7 +175,7 @@ def run_child(args):
     model, callbacks = step_time.build(options, num_blocks, True, num_blocks / 2)
     model.fit(x, y, batch_size=args.batch_size, callbacks=callbacks, verbose=0)
     assert model.engine_reason is None, model.engine_reason
-    loop = counts(*compiled(model, x, y, ("loop",)))
+    loop = counts(*compiled(model, x, y, ("loop",)), num_blocks)
     conditional = counts(*compiled(model, x, y, ("conditional",)))
     rows = []
     for k in args.lengths:
@@ -175,8 +194,8 @@ def run_child(args):
 
 def table(results):
     lines = [
-        "| backend | step | conditionals | matrix products | arrays passed | XLA FLOPs / plain k | memory MB (arguments + temporaries) | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | step | conditionals | matrix products | stack copies in loops | arrays passed | XLA FLOPs / plain k | memory MB (arguments + temporaries) | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def memory(c):
@@ -190,6 +209,7 @@ def table(results):
         def line(name, c, flops="n/a"):
             lines.append(
                 f"| {b} | {name} | {c['conditionals']} | {c['dots']} | "
+                f"{'n/a' if c.get('stack_copies_in_loops') is None else c['stack_copies_in_loops']} | "
                 f"{c.get('arguments', 'n/a')} | {flops} | {memory(c)} | "
                 f"{c.get('compile_s', 'n/a')} |"
             )

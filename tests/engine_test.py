@@ -537,6 +537,9 @@ def test_the_loop_step_holds_one_blocks_code_once(compiled_steps, num_blocks):
     # of blocks: a block run twice (recomputed) or every block run and
     # multiplied by zero would add its own.
     assert text.count(" dot(") == one.count(" dot(")
+    # The loops update the stacks in place: a copy of one in a loop's body
+    # would cost the whole stack at each iteration.
+    assert _benchmark("compiled_step").loop_copies(text, num_blocks) == 0
     if BACKEND == "jax":
         # XLA counts a loop's body once: a path of k blocks costs the loop
         # step's count plus k - 1 more blocks (a plain 2-block model's
