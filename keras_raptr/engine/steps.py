@@ -22,6 +22,8 @@ by every stage and every `fit` while the plan stays the same.
 """
 
 import contextlib
+import os
+import sys
 import warnings
 import weakref
 
@@ -160,7 +162,7 @@ class Steps:
                 f"block, not the loop step, because {self.reason}. The paths and "
                 "weights are the same; only slower on accelerators. "
                 "`model.engine_reason` keeps this reason.",
-                stacklevel=2,
+                stacklevel=_caller_level(),
             )
         return self.loop
 
@@ -173,7 +175,7 @@ class Steps:
         warnings.warn(
             f"RaPTr trains the model '{self.model.name}' through one conditional per "
             f"block, not the loop step, because {reason}.",
-            stacklevel=2,
+            stacklevel=_caller_level(),
         )
 
     def release(self):
@@ -352,6 +354,27 @@ def _make_loop(model, layout):
     from keras_raptr.engine.loop_tf import TfLoop
 
     return TfLoop(model, layout)
+
+
+def _caller_level():
+    """The `stacklevel` that points a warning at the user's line (their `fit`).
+
+    The engine is reached through Keras' `fit` and its callbacks, at a depth
+    that depends on the backend: the warning names the first frame outside
+    this library, Keras and the backends.
+    """
+    packages = tuple(
+        os.path.dirname(module.__file__) + os.sep
+        for module in (sys.modules[name] for name in _FRAMEWORKS if name in sys.modules)
+        if getattr(module, "__file__", None)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(packages):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_FRAMEWORKS = ("keras_raptr", "keras", "keras_hub", "tensorflow", "jax", "torch")
 
 
 def step_counter(optimizer):
