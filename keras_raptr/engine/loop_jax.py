@@ -583,7 +583,7 @@ def _after(r, written):
     flags = [
         jnp.isnan(jnp.ravel(_row(a, r))[0])
         for a in written
-        if jnp.issubdtype(a.dtype, jnp.floating)
+        if jnp.issubdtype(a.dtype, jnp.floating) and a.size > 0
     ]
     if not flags:
         return r
