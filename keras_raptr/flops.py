@@ -20,8 +20,12 @@ FLOPs of the loop step, credited with the path's blocks (XLA counts a
 loop's body once), within 1.05x of a plain model of the path's length. Only
 the conditional step on JAX (models that fail the loop step's checks) does
 more than counted: it recomputes each drawn on-path block's forward pass in
-the backward pass (`engine/conditional.py`). The estimate is what
-strategies are compared on, not a measurement.
+the backward pass (`engine/conditional.py`). A width-wise stage
+(`Stage(width=w)`) counts `w` of each on-path block: its matrix products
+shrink with the kept heads and units (`tests/width_test.py` holds XLA's
+FLOPs of a half-width step within 1.05x a plain model built at half width),
+while its layer norms and residuals, not counted here, do not. The estimate
+is what strategies are compared on, not a measurement.
 """
 
 import numbers
@@ -80,7 +84,9 @@ def expected_step_flops(flops, strategy, step):
     if strategy is None:
         return flops["total"]
     keep = strategy.keep_probabilities_at(step, len(flops["blocks"]))
-    return flops["other"] + sum(k * f for k, f in zip(keep, flops["blocks"]))
+    # Width-wise stages run that fraction of each block's heads and units.
+    width = strategy.width_at(step) if hasattr(strategy, "width_at") else 1.0
+    return flops["other"] + width * sum(k * f for k, f in zip(keep, flops["blocks"]))
 
 
 def expected_run_flops(flops, strategy, steps):
@@ -110,7 +116,8 @@ def _kept_steps(strategy, num_blocks, steps):
             end = min(end, steps)
             if end > begin:
                 keep = strategy.keep_probabilities_at(begin, num_blocks)
-                kept = [total + (end - begin) * k for total, k in zip(kept, keep)]
+                width = strategy.width_at(begin) if hasattr(strategy, "width_at") else 1.0
+                kept = [total + (end - begin) * width * k for total, k in zip(kept, keep)]
                 begin = end
         return kept
     if isinstance(strategy, StochasticDepth):

@@ -125,7 +125,9 @@ class Stage:
     """One stage of a RaPTr schedule.
 
     A stage lasts `steps` optimizer steps; during it, each training step runs
-    a random path whose expected length is `path_length` blocks.
+    a random path whose expected length is `path_length` blocks, and each
+    block on the path keeps a random `width` of its attention heads and
+    feed-forward units (width-wise parts: `keras_raptr.layers.WidthParts`).
 
     Args:
         path_length: float. The expected number of residual blocks on the
@@ -134,6 +136,12 @@ class Stage:
         steps: int. How many optimizer steps the stage lasts, from 1 to
             `2**31 - 1` (the compiled train step counts steps as 32-bit
             integers). Floats, even integral ones, are refused.
+        width: float in `(0, 1]`, default 1. The fraction of each on-path
+            block's attention heads and feed-forward hidden units that a
+            training step runs (the same count in every block, rounded to
+            whole heads, or whole key/value groups under grouped-query
+            attention, and whole units; at least one of each). 1 runs every
+            block at its full width.
 
     Example:
 
@@ -141,11 +149,14 @@ class Stage:
     import keras_raptr
 
     stages = [keras_raptr.Stage(6, 1000), keras_raptr.Stage(12, 1000)]
+    # Width-wise: every block, half of its heads and units, then all.
+    stages = [keras_raptr.Stage(12, 1000, width=0.5), keras_raptr.Stage(12, 1000)]
     ```
     """
 
     path_length: float
     steps: int
+    width: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.path_length, bool) or not isinstance(
@@ -170,11 +181,23 @@ class Stage:
                 f"steps, got steps={self.steps!r}."
             )
         check_steps(self.steps, "Stage.steps")
+        check_width(self.width, "Stage.width")
         object.__setattr__(self, "path_length", float(self.path_length))
         object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "width", float(self.width))
 
     def get_config(self):
-        return {"path_length": self.path_length, "steps": self.steps}
+        return {"path_length": self.path_length, "steps": self.steps, "width": self.width}
+
+
+def check_width(width, name="width"):
+    """Raises a `ValueError` unless `width` is a fraction in `(0, 1]`."""
+    if not is_real(width) or not math.isfinite(width) or not 0.0 < width <= 1.0:
+        raise ValueError(
+            f"`{name}` must be the fraction of each block's heads and units a "
+            f"step runs, a number in (0, 1], got {name}={width!r}. Use 1 for "
+            "the full width."
+        )
 
 
 def stage_list(stages):
@@ -218,8 +241,14 @@ def parse_spec(spec, total_steps, stage_lengths=None):
     Path lengths are plain decimal numbers (`"6"`, `"6.5"`); whitespace
     around them is ignored. They need not grow from stage to stage.
 
+    A stage may add `@width`, the fraction of each block's heads and units
+    it runs (`Stage.width`; 1 without it): `"12@0.5-12@0.75-12"` trains
+    every block at half, then three quarters, then full width, and
+    `"6@0.5-8-10-12"` starts with 6 blocks at half width.
+
     Args:
-        spec: str, path lengths separated by `-`, e.g. `"6-8-10-12"`.
+        spec: str, path lengths separated by `-`, e.g. `"6-8-10-12"`, each
+            optionally with `@width`, e.g. `"12@0.5-12"`.
         total_steps: int, the number of optimizer steps of the whole schedule.
             Must be at least the number of stages and at most `2**31 - 1`.
         stage_lengths: optional sequence, one entry per stage: ints (steps)
@@ -238,9 +267,11 @@ def parse_spec(spec, total_steps, stage_lengths=None):
             f"The schedule spec {spec!r} is empty. Write positive path lengths "
             "joined by '-', such as '6-8-10-12'."
         )
-    lengths = []
+    lengths, widths = [], []
     for i, part in enumerate(spec.strip().split("-")):
-        text = part.strip()
+        text, _, width_text = part.strip().partition("@")
+        text = text.strip()
+        widths.append(_spec_width(spec, i, width_text) if _ else 1.0)
         if not text:
             raise ValueError(
                 f"Could not parse the schedule spec {spec!r}: stage {i} is empty "
@@ -271,7 +302,20 @@ def parse_spec(spec, total_steps, stage_lengths=None):
         steps[-1] += int(total_steps) - per_stage * len(lengths)
     else:
         steps = _stage_steps(spec, len(lengths), int(total_steps), stage_lengths)
-    return [Stage(pl, n) for pl, n in zip(lengths, steps)]
+    return [Stage(pl, n, w) for pl, n, w in zip(lengths, steps, widths)]
+
+
+def _spec_width(spec, i, text):
+    """The `@width` of stage `i` of `spec`, or a clear error."""
+    text = text.strip()
+    value = float(text) if _SPEC_NUMBER.fullmatch(text) else None
+    if value is None or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"Could not parse the schedule spec {spec!r}: stage {i}'s width "
+            f"{text!r} is not a number in (0, 1]. Write `path_length@width`, "
+            "such as '12@0.5-12'."
+        )
+    return value
 
 
 def _stage_steps(spec, num_stages, total_steps, stage_lengths):
@@ -358,6 +402,26 @@ def path_length_at(stages, step, num_blocks):
     return stages[index].path_length
 
 
+def width_at(stages, step):
+    """The width (fraction of heads and units) at optimizer step `step`."""
+    index = stage_index(stages, step)
+    return 1.0 if index == len(stages) else stages[index].width
+
+
+def width_over(stages, start, stop):
+    """The width of every step in `[start, stop)`, or `None` if it changes."""
+    widths = {width_at(stages, start)}
+    begin = 0
+    for stage in stages:
+        end = begin + stage.steps
+        if begin < stop and start < end:
+            widths.add(stage.width)
+        begin = end
+    if stop > begin:
+        widths.add(1.0)
+    return widths.pop() if len(widths) == 1 else None
+
+
 def keep_probability(path_length, num_blocks, num_fixed):
     """The probability that a block outside the fixed set is on the path.
 
@@ -389,10 +453,12 @@ def compute_fraction(stages, num_blocks, sampling="bernoulli"):
     step would run. Embeddings and heads are not counted.
 
     Example: `"6-8-10-12"` on 12 blocks is `(6 + 8 + 10 + 12) / 48 = 0.75`.
+    A stage's width counts as that fraction of a block (a block's compute
+    scales with its heads and units): `"12@0.5-12"` is 0.75 too.
     """
     total = sum(stage.steps for stage in stages)
     used = sum(
-        stage.steps * sampled_path_length(stage.path_length, sampling)
+        stage.steps * stage.width * sampled_path_length(stage.path_length, sampling)
         for stage in stages
     )
     return used / (num_blocks * total)

@@ -130,6 +130,12 @@ class GradualStacking(PathStrategy):
         super().__init__(off_path_update)
         stages = schedules.stage_list(stages)
         for i, stage in enumerate(stages):
+            if stage.width != 1.0:
+                raise ValueError(
+                    f"Stage {i} has width={stage.width:g}: gradual stacking "
+                    "grows depth only. Use `keras_raptr.StageSchedule` for "
+                    "width-wise parts, or drop `width`."
+                )
             if stage.path_length != int(stage.path_length) or stage.path_length < 1:
                 raise ValueError(
                     f"Stage {i} has depth {stage.path_length:g}: stacking trains "

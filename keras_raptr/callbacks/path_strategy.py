@@ -58,6 +58,13 @@ class Plan:
         """The step's log entries (at least `path_length`), in `keras.ops`."""
         return {"path_length": ops.sum(self.keep(step, tables, KERAS))}
 
+    def width_over(self, start, stop):
+        """The width every step in `[start, stop)` runs at, or `None` if it changes.
+
+        1.0 (every head and unit) unless the plan has width-wise stages.
+        """
+        return 1.0
+
     def static_path(self, start, stop):
         """The path of every step in `[start, stop)` if it is always the same.
 

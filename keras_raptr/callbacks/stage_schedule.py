@@ -78,6 +78,7 @@ import dataclasses
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_raptr import schedules
 from keras_raptr.callbacks.path_strategy import PathStrategy
@@ -130,10 +131,22 @@ class _Plan(StagedPlan):
                 "lengths": np.asarray(lengths, "float32"),
             }
         )
+        if any(stage.width != 1.0 for stage in self.stages):
+            widths = [stage.width for stage in self.stages] + [1.0]
+            tables["widths"] = np.asarray(widths, "float32")
         return tables
 
     def count(self, step, tables, xp):
         return xp.take(tables["counts"], self.stage(step, tables, xp))
+
+    def width_over(self, start, stop):
+        return schedules.width_over(self.stages, start, stop)
+
+    def logs(self, step, tables):
+        logs = super().logs(step, tables)
+        if "widths" in tables:
+            logs["width"] = ops.take(tables["widths"], logs["stage"])
+        return logs
 
     def static_path(self, start, stop):
         """The path of every step in `[start, stop)`, if it is always the same.
@@ -181,7 +194,20 @@ class StageSchedule(PathStrategy):
     Every batch and epoch log carries `stage` (0-based; `len(stages)` after
     the schedule) and `path_length` (the expected path length of the stage
     the step trained in; an epoch log reports its last step's), so the
-    progress bar, `History` and TensorBoard show them.
+    progress bar, `History` and TensorBoard show them; a schedule with
+    width-wise stages also logs `width`.
+
+    Width-wise parts: a stage's `width` below 1 runs each on-path block
+    with a random `width` of its attention heads and feed-forward units,
+    drawn per step and block from the model's seed (narrower matrices, not
+    masks). The blocks need a width adapter (`keras_raptr.layers.WidthParts`;
+    keras-hub's transformer blocks have one). The optimizer moves only the
+    kept slices under `off_path_update="skip"` (every slice, with a zero
+    gradient, under `"zero_grad"`); `scaling="inverse"` scales the kept
+    part's output by the inverse of the kept fraction. A step at a width
+    below 1 compiles once per width (the conditional step when the path is
+    drawn, the plain step when it is the full network), and
+    `steps_per_execution` must not span a change of width.
 
     Args:
         stages: list of `keras_raptr.Stage`, in training order. Their path
@@ -300,6 +326,10 @@ class StageSchedule(PathStrategy):
             schedules.check_num_blocks(num_blocks),
         )
 
+    def width_at(self, step):
+        """The width (fraction of heads and units) at optimizer step `step`."""
+        return schedules.width_at(self.stages, schedules.check_step(step))
+
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's probability of being on the path at `step`."""
         step = schedules.check_step(step)
@@ -343,7 +373,10 @@ class StageSchedule(PathStrategy):
         return cls(**config)
 
     def __repr__(self):
-        lengths = "-".join(f"{s.path_length:g}" for s in self.stages)
+        lengths = "-".join(
+            f"{s.path_length:g}" + (f"@{s.width:g}" if s.width != 1.0 else "")
+            for s in self.stages
+        )
         return (
             f"StageSchedule({lengths}, total_steps={self.total_steps}, "
             f"fixed_blocks={self.fixed_blocks}, sampling={self.sampling!r}, "
