@@ -14,6 +14,9 @@ Public API:
 - `keras_raptr.train_flops_per_step`, `keras_raptr.estimate_train_flops`,
   `keras_raptr.TrainFlops`: FLOPs accounting.
 - `keras_raptr.layers.RandomSkip`: the stochastic residual-skip layer.
+- `keras_raptr.layers.WidthParts`, `keras_raptr.layers.register_width_parts`:
+  where a block keeps its heads and units, for width-wise stages
+  (`Stage(..., width=w)`).
 """
 
 from keras_raptr import layers

@@ -19,6 +19,7 @@ PUBLIC = {
     "train_flops_per_step": keras_raptr.train_flops_per_step,
     "TrainFlops": keras_raptr.TrainFlops,
     "RandomSkip": keras_raptr.layers.RandomSkip,
+    "WidthParts": keras_raptr.layers.WidthParts,
     "Stage": keras_raptr.Stage,
     "StageSchedule": keras_raptr.StageSchedule,
 }

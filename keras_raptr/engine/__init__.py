@@ -21,6 +21,9 @@ Read in this order:
 - `conditional.py` and `optimizer_gate.py`: the step that assumes nothing:
   a gate per block (a Python bool, or one conditional per block), and what
   the optimizer does to the blocks off the path (`off_path_update`).
+- `width.py`: width-wise parts: which heads and units a block keeps at a
+  step, the block run on the kept slices of its weights, and the update
+  that moves only those slices.
 - `scopes.py`: calling a layer or optimizer on values instead of variables.
 - `dispatch.py`: the train function `fit` calls: one compiled function per
   variant, built and timed on first use, with the state converted between

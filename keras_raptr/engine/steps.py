@@ -62,6 +62,8 @@ class Steps:
         self._free_variables = None
         # JAX: the loop step's workspace while `fit` threads Keras' lists.
         self.workspace = None
+        # Width-wise stages: `(key, parts per block, slots per variable)`.
+        self._width = None
 
     def attach(self, plan):
         """A strategy's plan for the next `fit` (`None`: the full network)."""
@@ -102,16 +104,17 @@ class Steps:
         start, stop = first // every, (stop - 1) // every + 1
         backend = keras.backend.backend()
         static = self.plan.static_path(start, stop)
+        narrow = self._width_over(start, stop)
         if backend == "torch":
-            self.variant = ("static", static) if static is not None else ("host",)
+            self.variant = (("static", static) if static is not None else ("host",)) + narrow
             return
-        if self.find_loop() is not None:
+        if not narrow and self.find_loop() is not None:
             self.variant = ("loop",)
             return
         if static is not None:
-            self.variant = ("static", static)
+            self.variant = ("static", static) + narrow
             return
-        self.variant = ("conditional",)
+        self.variant = ("conditional",) + narrow
         strategy = _tf_distribute_strategy(self.model)
         if strategy is not None:
             raise ValueError(
@@ -121,6 +124,39 @@ class Steps:
                 "run. Give the blocks one structure, called in one chain of a "
                 "Functional model (see `RandomPartModel.engine_reason`)."
             )
+
+    def _width_over(self, start, stop):
+        """`()` at full width, else `(width,)`: the width joins the variant's key."""
+        width = self.plan.width_over(start, stop)
+        if width is None:
+            raise ValueError(
+                f"The optimizer steps {start} to {stop - 1} of one execution "
+                "span a change of width, which a compiled step cannot follow "
+                "(each width is its own step). Use a `steps_per_execution` "
+                "that divides the stages' lengths."
+            )
+        if width == 1.0:
+            return ()
+        self._width_slots()
+        return (float(width),)
+
+    def _width_slots(self):
+        """The blocks' adapters and each sliced variable's optimizer slots (host)."""
+        model = self.model
+        key = (id(model.optimizer), tuple(id(v) for v in model.trainable_variables))
+        if self._width is not None and self._width[0] == key:
+            return
+        from keras_raptr.engine import width
+        from keras_raptr.layers.width_parts import width_parts
+
+        if keras.backend.backend() == "jax":
+            model.jax_state_sync()
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        parts = [width_parts(skip.block) for skip in model.blocks]
+        sliced = [v for p in parts for v, _, _ in p.slices()]
+        slots = width.slot_map(model.optimizer, sliced) if model.optimizer else {}
+        self._width = (key, parts, slots)
 
     def find_loop(self):
         """The loop step for this `fit`, or `None` (then `reason` says why)."""
@@ -206,6 +242,21 @@ class Steps:
             logs, step = self.loop.train_step(base_step, args[0], path_at, zero_grad)
             return {**logs, **self.plan.logs(step, self.tensors)}
         step = self._optimizer_step(args)
+        if kind == "host" and self.rereads_count():
+            # A skipped step did not advance the count: read it (eager).
+            self.host_call = self.calls()
+        width = variant_width(self.tracing)
+        if width < 1.0:
+            host_step = None
+            if kind == "host":
+                host_step = self.host_call // step_counter(model.optimizer)[1]
+            with self._narrow(step if host_step is None else host_step, width):
+                return self._gated_step(kind, base_step, step, args, kwargs)
+        return self._gated_step(kind, base_step, step, args, kwargs)
+
+    def _gated_step(self, kind, base_step, step, args, kwargs):
+        model = self.model
+        backend = keras.backend.backend()
         if kind == "static":
             static = self.tracing[1]
             if all(static):
@@ -214,9 +265,6 @@ class Steps:
                 gates = [(bool(on), None) for on in static]
                 result = self._run_gated(base_step, gates, args, kwargs)
         elif kind == "host":
-            if self.rereads_count():
-                # A skipped step did not advance the count: read it (eager).
-                self.host_call = self.calls()
             on, scale = self.path_at(self.host_call // step_counter(model.optimizer)[1], NUMPY)
             gates = [
                 (bool(on[i]), None if scale is None else float(scale[i]))
@@ -237,6 +285,38 @@ class Steps:
             result_logs, state = result
             return {**result_logs, **logs}, state
         return {**result, **logs}
+
+    @contextlib.contextmanager
+    def _narrow(self, step, width_value):
+        """Within the context, every block runs its kept heads and units.
+
+        The kept indices are drawn in the step from `(seed, step, block)`;
+        under `off_path_update="skip"` the optimizer moves only the kept
+        slices of the blocks' variables and slots.
+        """
+        from keras_raptr.engine import width
+
+        model = self.model
+        _, parts, slots = self._width
+        inverse = getattr(self.plan, "scaling", "none") == "inverse"
+        masked = []
+        for i, (skip, block_parts) in enumerate(zip(model.blocks, parts)):
+            indices = width.kept_indices(block_parts, width_value, model.seed, step, i, KERAS)
+            object.__setattr__(skip, "_narrow", _Narrow(skip.block, block_parts, indices, inverse))
+            if not self._zero_grad():
+                masked += [
+                    (v, slots.get(id(v), []), axis, indices[part])
+                    for v, axis, part in block_parts.slices()
+                ]
+        try:
+            if masked and model.optimizer is not None:
+                with width.kept_slices_only(model.optimizer, masked):
+                    yield
+            else:
+                yield
+        finally:
+            for skip in model.blocks:
+                object.__setattr__(skip, "_narrow", None)
 
     def optimizer_steps(self, calls):
         """The optimizer step of a train step, from the count of train steps."""
@@ -346,6 +426,28 @@ class Steps:
         return {variant_name(key): seconds for key, seconds in self.compiled.items()}
 
 
+class _Narrow:
+    """A block's call narrowed to its kept heads and units (`engine/width.py`)."""
+
+    def __init__(self, block, parts, indices, inverse):
+        self.block, self.parts, self.indices, self.inverse = block, parts, indices, inverse
+
+    def __call__(self, block_call):
+        from keras_raptr.engine import width
+
+        def call(*args, **kwargs):
+            return width.narrow_call(
+                self.block, self.parts, self.indices, block_call, args, kwargs, self.inverse
+            )
+
+        return call
+
+
+def variant_width(key):
+    """The width a variant's key runs at (1.0 without one)."""
+    return key[-1] if key and isinstance(key[-1], float) else 1.0
+
+
 def _make_loop(model, layout):
     if keras.backend.backend() == "jax":
         from keras_raptr.engine.loop_jax import JaxLoop
@@ -406,7 +508,13 @@ def _tf_distribute_strategy(model):
 
 
 def variant_name(key):
-    """`"full"`, `"static 0,11"`, `"loop"`, `"conditional"` or `"host"`."""
+    """`"full"`, `"static 0,11"`, `"loop"`, `"conditional"` or `"host"`.
+
+    A variant at a width below 1 adds it: `"full width 0.5"`.
+    """
+    width = variant_width(key)
+    if width < 1.0:
+        return f"{variant_name(key[:-1])} width {width:g}"
     if key[0] == "static":
         if all(key[1]):
             return "full"

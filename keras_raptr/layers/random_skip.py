@@ -107,6 +107,9 @@ class RandomSkip(keras.layers.Layer):
         # residual update; or the loop step's callable gate. `None` means
         # "run the block".
         self._gate = None
+        # Set while a step at a width below 1 is traced or run: wraps the
+        # block's call to run its kept heads and units (`engine/width.py`).
+        self._narrow = None
         _install(block, self)
         # (shape, dtype) of the inputs whose output was found to match.
         self._checked = set()
@@ -141,6 +144,8 @@ class RandomSkip(keras.layers.Layer):
         if not self.built:
             self.built = True
         gate = self._gate
+        if self._narrow is not None:
+            block_call = self._narrow(block_call)
         if gate is None:
             return block_call(*args, **kwargs)
         if not args:
@@ -186,6 +191,7 @@ class RandomSkip(keras.layers.Layer):
 
         spec_args, spec_kwargs = keras.tree.map_structure(spec, (args, kwargs))
         gate, self._gate = self._gate, None
+        narrow, self._narrow = self._narrow, None
         try:
             y = self.block.compute_output_spec(*spec_args, **spec_kwargs)
         except Exception:
@@ -194,6 +200,7 @@ class RandomSkip(keras.layers.Layer):
             return
         finally:
             self._gate = gate
+            self._narrow = narrow
         if isinstance(y, (list, tuple, dict)):
             return
         _check_output(self, x, y)

@@ -1,0 +1,237 @@
+"""Width-wise parts: a block run on a random subset of its heads and units.
+
+At a width `w < 1` every on-path block keeps the same number of attention
+heads (whole key/value groups under grouped-query attention) and of
+feed-forward units, `max(1, round(w * total))` of each, drawn per step and
+per block:
+
+- **Which ones** (`kept`): a pure function of `(seed, step, block)`, like the
+  path (`path.py`). Each head (unit) gets a 32-bit hash of the seed, the
+  step and its index; the kept ones are those with the smallest hashes, in
+  index order. The hash is a bijection of distinct inputs, so there are no
+  ties and numpy, JAX, TensorFlow and PyTorch keep the same set.
+- **Narrower matrices** (`narrow_call`): the kept slices of each variable the
+  block's width adapter lists (`layers/width_parts.py`) are gathered and the
+  block's own `call` runs on them, in a stateless scope that maps each
+  variable to its slice. The block's matrix products have the narrow shapes;
+  the gradient of a gather reaches only the kept slices.
+- **The optimizer** (`kept_slices_only`): under `off_path_update="skip"`
+  the update of a sliced variable and of its optimizer slots is kept on the
+  kept slices only; the other slices keep their values bit for bit. Under
+  `"zero_grad"` every slice is updated, with a zero gradient off the kept
+  ones.
+"""
+
+import contextlib
+import threading
+
+import numpy as np
+from keras import ops
+
+from keras_raptr.engine import path
+from keras_raptr.engine import scopes
+from keras_raptr.engine.xp import NUMPY
+
+# Salts that keep the width draws apart from the path's and from each other.
+_SALTS = {"heads": 0x5BD1E995, "key_value_heads": 0x1B873593, "units": 0x68E31DA4}
+
+
+def counts(parts, width):
+    """Kept `(heads, key_value_heads, units)` at `width` (`None`: no grouping)."""
+    groups = parts.num_key_value_heads
+    if groups is None:
+        heads = _count(parts.num_heads, width)
+        return heads, None, _count(parts.num_units, width)
+    kept_groups = _count(groups, width)
+    return kept_groups * (parts.num_heads // groups), kept_groups, _count(parts.num_units, width)
+
+
+def _count(total, width):
+    return 0 if total == 0 else max(1, min(total, int(round(width * total))))
+
+
+def kept(seed, step, block, total, count, part, xp):
+    """Sorted indices of the `count` parts of `total` kept at `step` in `block`.
+
+    Args:
+        seed: int, the model's seed.
+        step: int or integer tensor, the optimizer step.
+        block: int, the block's index.
+        total, count: ints.
+        part: `"heads"`, `"key_value_heads"` or `"units"`.
+        xp: `xp.NUMPY` or `xp.KERAS`.
+    """
+    key = path._mix(xp.constant(path.seed_int32(seed ^ _SALTS[part]), "int32"), xp)
+    key = path._mix(xp.add(key, xp.cast(step, "int32")), xp)
+    key = path._mix(xp.add(key, xp.constant(path.seed_int32(block * 0x27D4EB2F), "int32")), xp)
+    index = xp.multiply(xp.arange(total, dtype="int32"), xp.constant(path._GOLDEN, "int32"))
+    hashes = path._mix(xp.add(key, index), xp)
+    if xp is NUMPY:
+        return np.sort(np.argsort(hashes, kind="stable")[:count]).astype("int32")
+    order = ops.cast(ops.argsort(hashes), "int32")
+    return ops.sort(order[:count])
+
+
+def kept_indices(parts, width, seed, step, block, xp):
+    """The kept `{"heads", "key_value_heads", "units"}` indices of a block."""
+    heads, groups, units = counts(parts, width)
+    result = {"units": kept(seed, step, block, parts.num_units, units, "units", xp)}
+    if not parts.num_heads:
+        return result
+    if groups is None:
+        result["heads"] = kept(seed, step, block, parts.num_heads, heads, "heads", xp)
+        return result
+    per_group = parts.num_heads // parts.num_key_value_heads
+    kv = kept(seed, step, block, parts.num_key_value_heads, groups, "key_value_heads", xp)
+    result["key_value_heads"] = kv
+    # Query head `q` uses key/value head `q // per_group`: whole groups.
+    offsets = xp.arange(per_group, dtype="int32")
+    queries = xp.add(xp.multiply(kv, xp.constant(per_group, "int32"))[:, None], offsets[None, :])
+    if xp is NUMPY:
+        result["heads"] = queries.reshape(-1)
+    else:
+        result["heads"] = ops.reshape(queries, (-1,))
+    return result
+
+
+def narrow_call(block, parts, indices, block_call, args, kwargs, inverse_scale):
+    """Runs `block_call` on the kept slices of the block's weights.
+
+    Args:
+        block: the block.
+        parts: its `WidthParts`.
+        indices: `kept_indices(...)` in `keras.ops`.
+        block_call: the block's own `call`.
+        args, kwargs: the call's arguments.
+        inverse_scale: whether to scale the output slices by the inverse of
+            the kept fraction (`scaling="inverse"`).
+    """
+    heads, groups, units = (
+        _length(indices.get("heads")),
+        _length(indices.get("key_value_heads")),
+        _length(indices["units"]),
+    )
+    factors = {
+        "heads": parts.num_heads / max(heads, 1),
+        "key_value_heads": 1.0,
+        "units": parts.num_units / max(units, 1),
+    }
+    outputs = {id(v) for v in parts.outputs}
+    scope = scopes.child_scope([])
+    sliced = set()
+    for variable, axis, part in parts.slices():
+        value = ops.take(variable.value, indices[part], axis=axis)
+        if inverse_scale and id(variable) in outputs and factors[part] != 1.0:
+            value = ops.multiply(value, ops.cast(factors[part], value.dtype))
+        # `add_update`: a value of another shape than its variable's.
+        scope.add_update((variable, value))
+        sliced.add(id(variable))
+    attributes = parts.attributes(heads, groups, units) if parts.attributes else []
+    with _narrow_layers(block, attributes), scope:
+        y = block_call(*args, **kwargs)
+    # Assignments the block made (dropout's seed state) go to the variables.
+    for variable in block.variables:
+        if id(variable) not in sliced and id(variable) in scope.state_mapping:
+            variable.assign(scope.state_mapping[id(variable)])
+    return y
+
+
+def _length(index):
+    return 0 if index is None else int(index.shape[0])
+
+
+_LOCK = threading.Lock()
+_ACTIVE = {}
+
+
+@contextlib.contextmanager
+def _narrow_layers(block, attributes):
+    """The block's layers without input specs, and `attributes` set.
+
+    A sublayer's input spec pins its input's last axis to the full width
+    (a `Dense` after the feed-forward units); the narrow call relaxes it
+    while it runs. Counted per layer, so that replicas tracing in threads
+    (`tf.distribute`) leave every layer as it was.
+    """
+    layers = [block] + [layer for layer in block._flatten_layers() if layer is not block]
+    with _LOCK:
+        for layer in layers:
+            entry = _ACTIVE.get(id(layer))
+            if entry is None:
+                _ACTIVE[id(layer)] = [1, layer.input_spec]
+                layer.input_spec = None
+            else:
+                entry[0] += 1
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in attributes]
+    for obj, name, value in attributes:
+        object.__setattr__(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            object.__setattr__(obj, name, value)
+        with _LOCK:
+            for layer in layers:
+                entry = _ACTIVE[id(layer)]
+                entry[0] -= 1
+                if not entry[0]:
+                    layer.input_spec = entry[1]
+                    del _ACTIVE[id(layer)]
+
+
+def _mask(variable, axis, index):
+    """A boolean array broadcastable to `variable`: its kept slices along `axis`."""
+    size = variable.shape[axis]
+    hit = ops.any(
+        ops.equal(ops.arange(size, dtype="int32")[:, None], ops.cast(index, "int32")[None, :]),
+        axis=1,
+    )
+    shape = [1] * len(variable.shape)
+    shape[axis] = size
+    return ops.reshape(hit, shape)
+
+
+@contextlib.contextmanager
+def kept_slices_only(optimizer, masked):
+    """Within the context, `optimizer` moves only the kept slices.
+
+    Args:
+        optimizer: the model's optimizer.
+        masked: list of `(variable, slots, axis, index)`: a sliced variable,
+            the optimizer variables that hold its state (same shape), the
+            axis and the kept indices.
+    """
+    from keras_raptr.engine.optimizer_gate import _overridden
+    from keras_raptr.engine.optimizer_gate import _own
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+
+    def apply(grads, trainable_variables=None):
+        before = []
+        for variable, slots, axis, index in masked:
+            mask = _mask(variable, axis, index)
+            for v in [variable, *slots]:
+                before.append((v, ops.copy(v.value), mask))
+        result = _own(inner, "apply")(grads, trainable_variables)
+        for v, old, mask in before:
+            v.assign(ops.where(mask, v.value, old))
+        return result
+
+    with _overridden(inner, {"apply": apply}):
+        yield
+
+
+def slot_map(optimizer, variables):
+    """Per variable, the optimizer variables of its shape that hold its state."""
+    from keras_raptr.engine.blocks import optimizer_slots
+
+    result = {}
+    for variable in variables:
+        found = optimizer_slots(optimizer, [variable]) or []
+        result[id(variable)] = [
+            optimizer.variables[n]
+            for n in found
+            if tuple(optimizer.variables[n].shape) == tuple(variable.shape)
+        ]
+    return result
+
