@@ -459,6 +459,7 @@ def make_strategy(args, num_blocks):
         lengths = stage_lengths(getattr(args, "stage_lengths", None))
         off_path_update = getattr(args, "off_path_update", "skip")
         if args.method == "raptr":
+            spec = with_widths(spec, getattr(args, "width_schedule", None))
             return keras_raptr.StageSchedule.from_spec(
                 spec, total_steps=args.steps, stage_lengths=lengths, **raptr_options(args)
             )
@@ -489,6 +490,19 @@ def make_strategy(args, num_blocks):
         )
     except ValueError as error:
         raise ExampleError(f"--schedule {spec!r} for --method {args.method}: {error}") from error
+
+
+def with_widths(spec, widths):
+    """`--schedule` with `--width-schedule`'s widths: "6-12", "0.5-1" -> "6@0.5-12@1"."""
+    if not widths:
+        return spec
+    stages, fractions = spec.split("-"), widths.split("-")
+    if len(stages) != len(fractions):
+        raise ValueError(
+            f"--width-schedule {widths!r} has {len(fractions)} widths for the "
+            f"{len(stages)} stages of {spec!r}: give one width per stage."
+        )
+    return "-".join(f"{s.strip()}@{w.strip()}" for s, w in zip(stages, fractions))
 
 
 def stage_lengths(text):
@@ -1270,6 +1284,12 @@ def parse_args(argv=None):
         "--schedule", default=None,
         help="raptr, stacking: a spec such as 6-8-10-12; pld, stochastic-depth: "
         "the target compute fraction (default: RaPTr's default schedule's)",
+    )
+    parser.add_argument(
+        "--width-schedule", default=None,
+        help="raptr: each stage's width, the fraction of every block's heads and units "
+        "it trains, one per stage of --schedule, e.g. 0.5-0.75-1 with --schedule 12-12-12 "
+        "(the same as --schedule 12@0.5-12@0.75-12)",
     )
     parser.add_argument("--sampling", choices=("bernoulli", "subset"), default="bernoulli",
                         help="RaPTr's path sampling (--method raptr)")

@@ -504,3 +504,12 @@ def test_bad_fixed_blocks_exit_with_a_message(example, text_glob, tmp_path, caps
     argv = ["--dataset", text_glob, "--output-dir", str(tmp_path / "o"), *TINY, "--fixed-blocks", "first"]
     assert example.main(argv) == 2
     assert "--fixed-blocks 'first'" in capsys.readouterr().err
+
+
+def test_width_schedule_joins_the_depth_schedule(example):
+    args = example.parse_args([*TINY, "--schedule", "4-4", "--width-schedule", "0.5-1"])
+    schedule = example.make_strategy(args, 4)
+    assert [(s.path_length, s.width) for s in schedule.stages] == [(4, 0.5), (4, 1.0)]
+    assert example.with_widths("4-4", None) == "4-4"
+    with pytest.raises(ValueError, match="one width per stage"):
+        example.with_widths("2-4", "0.5")
