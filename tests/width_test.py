@@ -365,3 +365,28 @@ def test_depth_and_width_together_and_after_a_save_and_load(tmp_path):
             else:
                 assert len(changed) == 0, name
     assert steps_module.variant_width(("conditional", 0.5)) == 0.5
+
+
+def test_an_execution_spanning_a_change_of_width_is_a_clear_error():
+    model, _, _ = _encoder_model()
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
+    x, y = _data()
+    x, y = np.concatenate([x, x]), np.concatenate([y, y])
+    schedule = keras_raptr.StageSchedule(
+        [keras_raptr.Stage(2, 1, width=0.5), keras_raptr.Stage(2, 1)], fixed_blocks=()
+    )
+    with pytest.raises(ValueError, match="span a change of width.*steps_per_execution"):
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[schedule])
+
+
+def test_a_width_adapter_naming_a_wrong_axis_is_a_clear_error():
+    dense = keras.layers.Dense(6)
+    dense.build((2, 4))
+    with pytest.raises(ValueError, match=r"shape \(4, 6\).*axis 0.*8 entries"):
+        keras_raptr.layers.WidthParts(
+            num_heads=0, heads=[], num_units=8, units=[(dense.kernel, 0)]
+        )
+    with pytest.raises(ValueError, match="multiple of"):
+        keras_raptr.layers.WidthParts(
+            num_heads=3, heads=[], num_units=6, units=[(dense.kernel, 1)], num_key_value_heads=2
+        )
