@@ -248,7 +248,8 @@ class Steps:
         width = variant_width(self.tracing)
         if width < 1.0:
             host_step = None
-            if kind == "host":
+            if backend == "torch":
+                # The host counts PyTorch's steps: draws in numpy.
                 host_step = self.host_call // step_counter(model.optimizer)[1]
             with self._narrow(step if host_step is None else host_step, width):
                 return self._gated_step(kind, base_step, step, args, kwargs)
@@ -300,12 +301,19 @@ class Steps:
         _, parts, slots = self._width
         inverse = getattr(self.plan, "scaling", "none") == "inverse"
         masked = []
+        # PyTorch's step is known on the host: numpy draws, one copy each.
+        host = isinstance(step, (int, np.integer))
         for i, (skip, block_parts) in enumerate(zip(model.blocks, parts)):
-            indices = width.kept_indices(block_parts, width_value, model.seed, step, i, KERAS)
+            if host:
+                indices = width.kept_indices(block_parts, width_value, model.seed, step, i, NUMPY)
+                indices = {k: ops.convert_to_tensor(v) for k, v in indices.items()}
+            else:
+                indices = width.kept_indices(block_parts, width_value, model.seed, step, i, KERAS)
             object.__setattr__(skip, "_narrow", _Narrow(skip.block, block_parts, indices, inverse))
             if not self._zero_grad():
+                masks = {part: width.part_mask(block_parts, part, index) for part, index in indices.items()}
                 masked += [
-                    (v, slots.get(id(v), []), axis, indices[part])
+                    (v, slots.get(id(v), []), axis, masks[part])
                     for v, axis, part in block_parts.slices()
                 ]
         try:

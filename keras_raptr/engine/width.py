@@ -24,7 +24,9 @@ per block:
 
 import contextlib
 import threading
+import weakref
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -120,7 +122,7 @@ def narrow_call(block, parts, indices, block_call, args, kwargs, inverse_scale):
     scope = scopes.child_scope([])
     sliced = set()
     for variable, axis, part in parts.slices():
-        value = ops.take(variable.value, indices[part], axis=axis)
+        value = _take(variable.value, indices[part], axis)
         if inverse_scale and id(variable) in outputs and factors[part] != 1.0:
             value = ops.multiply(value, ops.cast(factors[part], value.dtype))
         # `add_update`: a value of another shape than its variable's.
@@ -130,10 +132,19 @@ def narrow_call(block, parts, indices, block_call, args, kwargs, inverse_scale):
     with _narrow_layers(block, attributes), scope:
         y = block_call(*args, **kwargs)
     # Assignments the block made (dropout's seed state) go to the variables.
-    for variable in block.variables:
+    for variable in _layers(block)[1]:
         if id(variable) not in sliced and id(variable) in scope.state_mapping:
             variable.assign(scope.state_mapping[id(variable)])
     return y
+
+
+def _take(value, index, axis):
+    """`ops.take` (PyTorch: its own `index_select`, without Keras' conversions)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.index_select(value, axis, index.to(value.device).long())
+    return ops.take(value, index, axis=axis)
 
 
 def _length(index):
@@ -142,6 +153,9 @@ def _length(index):
 
 _LOCK = threading.Lock()
 _ACTIVE = {}
+# Each block's sub-layers and state variables, found once (a walk of the
+# layer tree at every call costs PyTorch's eager steps).
+_LAYERS = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -153,13 +167,14 @@ def _narrow_layers(block, attributes):
     while it runs. Counted per layer, so that replicas tracing in threads
     (`tf.distribute`) leave every layer as it was.
     """
-    layers = [block] + [layer for layer in block._flatten_layers() if layer is not block]
+    layers = [block, *_layers(block)[0]]
     with _LOCK:
         for layer in layers:
             entry = _ACTIVE.get(id(layer))
             if entry is None:
                 _ACTIVE[id(layer)] = [1, layer.input_spec]
-                layer.input_spec = None
+                # Not Keras' tracking `__setattr__`: an eager step pays it.
+                object.__setattr__(layer, "input_spec", None)
             else:
                 entry[0] += 1
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in attributes]
@@ -175,20 +190,42 @@ def _narrow_layers(block, attributes):
                 entry = _ACTIVE[id(layer)]
                 entry[0] -= 1
                 if not entry[0]:
-                    layer.input_spec = entry[1]
+                    object.__setattr__(layer, "input_spec", entry[1])
                     del _ACTIVE[id(layer)]
 
 
-def _mask(variable, axis, index):
-    """A boolean array broadcastable to `variable`: its kept slices along `axis`."""
-    size = variable.shape[axis]
-    hit = ops.any(
-        ops.equal(ops.arange(size, dtype="int32")[:, None], ops.cast(index, "int32")[None, :]),
+def _layers(block):
+    """The block's sub-layers and its state variables, found once per block."""
+    found = _LAYERS.get(block)
+    if found is None:
+        found = (
+            [layer for layer in block._flatten_layers() if layer is not block],
+            list(block.non_trainable_variables),
+        )
+        _LAYERS[block] = found
+    return found
+
+
+def part_mask(parts, part, index):
+    """A boolean `(total,)` tensor: which of a part's heads or units are kept."""
+    total = {
+        "heads": parts.num_heads,
+        "key_value_heads": parts.num_key_value_heads,
+        "units": parts.num_units,
+    }[part]
+    return ops.any(
+        ops.equal(ops.arange(total, dtype="int32")[:, None], ops.cast(index, "int32")[None, :]),
         axis=1,
     )
+
+
+def _along(mask, variable, axis):
+    """`mask` shaped to broadcast along `axis` of `variable`."""
     shape = [1] * len(variable.shape)
-    shape[axis] = size
-    return ops.reshape(hit, shape)
+    shape[axis] = variable.shape[axis]
+    if keras.backend.backend() == "torch":
+        return mask.reshape(shape)
+    return ops.reshape(mask, shape)
 
 
 @contextlib.contextmanager
@@ -197,24 +234,33 @@ def kept_slices_only(optimizer, masked):
 
     Args:
         optimizer: the model's optimizer.
-        masked: list of `(variable, slots, axis, index)`: a sliced variable,
+        masked: list of `(variable, slots, axis, mask)`: a sliced variable,
             the optimizer variables that hold its state (same shape), the
-            axis and the kept indices.
+            axis and the part's mask (`part_mask`).
     """
     from keras_raptr.engine.optimizer_gate import _overridden
     from keras_raptr.engine.optimizer_gate import _own
 
     inner = getattr(optimizer, "inner_optimizer", optimizer)
 
+    torch = keras.backend.backend() == "torch"
+
     def apply(grads, trainable_variables=None):
         before = []
-        for variable, slots, axis, index in masked:
-            mask = _mask(variable, axis, index)
+        for variable, slots, axis, part in masked:
+            mask = _along(part, variable, axis)
             for v in [variable, *slots]:
-                before.append((v, ops.copy(v.value), mask))
+                # PyTorch runs eagerly: its own ops, without Keras' per-op
+                # conversions (hundreds of small tensors a step).
+                old = v.value.clone() if torch else ops.copy(v.value)
+                before.append((v, old, mask))
         result = _own(inner, "apply")(grads, trainable_variables)
         for v, old, mask in before:
-            v.assign(ops.where(mask, v.value, old))
+            if torch:
+                value = v.value
+                value.data.copy_(value.data.where(mask, old))
+            else:
+                v.assign(ops.where(mask, v.value, old))
         return result
 
     with _overridden(inner, {"apply": apply}):
