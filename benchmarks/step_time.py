@@ -14,6 +14,12 @@ trained (Adam, MSE on the last hidden states) as:
   - the full path (L of L);
 - a plain Keras model built with exactly l blocks of the same widths.
 
+With `--widths 0.25,0.5,0.75,1` the rows are width-wise instead: the full
+path (first and last block fixed) with each on-path block at width w (a
+random w of its heads and feed-forward units each step), against a plain
+model of L blocks built at that width (the encoder's layers with w of the
+heads, each of the full head size, and w of the units: `_NarrowEncoder`).
+
 Both run through `model.fit`, interleaved round by round in one process, so
 that the machine's noise hits them alike. A round is one epoch of `--steps`
 steps; the step time of a round is its wall-clock time over its steps; the
@@ -30,7 +36,8 @@ Writes `benchmarks/results/step_time_<backend>.json` per backend and
 `benchmarks/results/step_time.md` (a table of every backend in the results);
 with `--optimizer sgd`, the same names ending in `_sgd`, with
 `--off-path-update zero_grad` (the schedules update off-path blocks with a
-zero gradient: the cost of that option), ending in `_zero_grad`, and with
+zero gradient: the cost of that option), ending in `_zero_grad`, with
+`--widths`, ending in `_width`, and with
 `--tag NAME` (for example the accelerator's name), ending in `_NAME`.
 """
 
@@ -69,6 +76,10 @@ def parse_args(argv=None):
         "blocks' optimizer update (and on JAX and TensorFlow the copies of "
         "every block)",
     )
+    parser.add_argument(
+        "--widths", default="",
+        help="width-wise rows instead: comma-separated widths, e.g. 0.25,0.5,0.75,1",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 steps")
     parser.add_argument(
         "--tag", default="",
@@ -80,6 +91,21 @@ def parse_args(argv=None):
     if args.quick:
         args.steps, args.rounds = 3, 2
     return args
+
+
+# The width-wise targets: as for depth at a quarter, a half and the whole
+# (0.75 has none of its own: the half's).
+WIDTH_TARGETS = {0.25: 1.10, 0.5: 1.07, 0.75: 1.07, 1.0: 1.03}
+
+
+def width_cases(args):
+    """`(name, fixed_blocks, path_length, target, width)` of every width row."""
+    rows = []
+    for text in args.widths.split(","):
+        width = float(text)
+        target = WIDTH_TARGETS.get(width, 1.10)
+        rows.append((f"width {width:g}", (0, -1), args.num_blocks, target, width))
+    return rows
 
 
 def cases(num_blocks):
@@ -95,7 +121,9 @@ def cases(num_blocks):
     return [row for row in rows if row[0] != "drawn" or row[2] > len(row[1])]
 
 
-def build(args, num_blocks, random_part, path_length=None, fixed_blocks=()):
+def build(args, num_blocks, random_part, path_length=None, fixed_blocks=(), width=1.0,
+          plain_width=None):
+    """A model of `num_blocks` encoder blocks; `plain_width`: `_NarrowEncoder`s."""
     import keras
     import keras_hub
 
@@ -106,12 +134,15 @@ def build(args, num_blocks, random_part, path_length=None, fixed_blocks=()):
     x = inputs
     blocks = []
     for i in range(num_blocks):
-        block = keras_hub.layers.TransformerEncoder(
-            intermediate_dim=args.intermediate_dim,
-            num_heads=args.num_heads,
-            dropout=0.0,
-            name=f"block_{i}",
-        )
+        if plain_width is not None:
+            block = _narrow_encoder(args, plain_width, name=f"block_{i}")
+        else:
+            block = keras_hub.layers.TransformerEncoder(
+                intermediate_dim=args.intermediate_dim,
+                num_heads=args.num_heads,
+                dropout=0.0,
+                name=f"block_{i}",
+            )
         blocks.append(block)
         x = block(x)
     model = keras.Model(inputs, x)
@@ -120,7 +151,7 @@ def build(args, num_blocks, random_part, path_length=None, fixed_blocks=()):
         model = keras_raptr.RandomPartModel(model, blocks=blocks, seed=0)
         callbacks.append(
             keras_raptr.StageSchedule(
-                [keras_raptr.Stage(path_length, 10**9)],
+                [keras_raptr.Stage(path_length, 10**9, width=width)],
                 fixed_blocks=fixed_blocks,
                 sampling="subset",
                 off_path_update=args.off_path_update,
@@ -133,6 +164,34 @@ def build(args, num_blocks, random_part, path_length=None, fixed_blocks=()):
     )
     model.compile(optimizer=optimizer, loss="mse")
     return model, callbacks
+
+
+def _narrow_encoder(args, width, name):
+    """keras-hub's post-norm `TransformerEncoder` (no dropout), built at `width`:
+    `width` of the heads, each of the full model's head size, and of the units."""
+    import keras
+
+    heads = max(1, round(width * args.num_heads))
+    units = max(1, round(width * args.intermediate_dim))
+    head_size = args.hidden_dim // args.num_heads
+
+    class NarrowEncoder(keras.layers.Layer):
+        def build(self, shape):
+            self.attention = keras.layers.MultiHeadAttention(heads, head_size)
+            self.attention.build(shape, shape)
+            self.norm1 = keras.layers.LayerNormalization(epsilon=1e-5)
+            self.norm2 = keras.layers.LayerNormalization(epsilon=1e-5)
+            self.up = keras.layers.Dense(units, activation="relu")
+            self.down = keras.layers.Dense(shape[-1])
+            for layer in (self.norm1, self.norm2, self.up):
+                layer.build(shape)
+            self.down.build((*shape[:-1], units))
+
+        def call(self, x):
+            x = self.norm1(x + self.attention(x, x))
+            return self.norm2(x + self.down(self.up(x)))
+
+    return NarrowEncoder(name=name)
 
 
 class _EpochTimer:
@@ -161,11 +220,19 @@ def run_child(args):
     y = rng.normal(size=(n, args.seq_len, args.hidden_dim)).astype("float32")
     num_blocks = args.num_blocks
     variants = []
-    for length in sorted({case[2] for case in cases(num_blocks)}):
-        variants.append((f"plain_{length}", build(args, length, False)))
-    for name, fixed, length, _ in cases(num_blocks):
-        model = build(args, num_blocks, True, length, fixed)
-        variants.append((_key(name, fixed, length), model))
+    if args.widths:
+        rows = width_cases(args)
+        for name, fixed, length, _, width in rows:
+            variants.append((f"plain_{name}", build(args, length, False, plain_width=width)))
+            model = build(args, num_blocks, True, length, fixed, width=width)
+            variants.append((_key(name, fixed, length), model))
+    else:
+        rows = [(*row, 1.0) for row in cases(num_blocks)]
+        for length in sorted({case[2] for case in rows}):
+            variants.append((f"plain_{length}", build(args, length, False)))
+        for name, fixed, length, _, _ in rows:
+            model = build(args, num_blocks, True, length, fixed)
+            variants.append((_key(name, fixed, length), model))
     timers = {name: _EpochTimer() for name, _ in variants}
 
     def epoch(name, model, callbacks):
@@ -181,15 +248,17 @@ def run_child(args):
         for name, (model, callbacks) in variants:
             epoch(name, model, callbacks)
 
-    rows = []
-    for name, fixed, length, target in cases(num_blocks):
-        plain = statistics.median(timers[f"plain_{length}"].times) / args.steps
+    cases_run, rows = rows, []
+    for name, fixed, length, target, width in cases_run:
+        plain_name = f"plain_{name}" if args.widths else f"plain_{length}"
+        plain = statistics.median(timers[plain_name].times) / args.steps
         raptr = statistics.median(timers[_key(name, fixed, length)].times) / args.steps
         rows.append(
             {
                 "case": name,
                 "fixed_blocks": list(fixed),
                 "path_length": length,
+                "width": width,
                 "plain_ms": round(plain * 1e3, 2),
                 "raptr_ms": round(raptr * 1e3, 2),
                 "ratio": round(raptr / plain, 3),
@@ -231,6 +300,8 @@ def _fixed_text(fixed):
 
 def _suffix(args):
     suffix = "" if args.optimizer == "adam" else f"_{args.optimizer}"
+    if args.widths:
+        suffix += "_width"
     if args.off_path_update != "skip":
         suffix += f"_{args.off_path_update}"
     return suffix + (f"_{args.tag}" if args.tag else "")

@@ -390,3 +390,31 @@ def test_a_width_adapter_naming_a_wrong_axis_is_a_clear_error():
         keras_raptr.layers.WidthParts(
             num_heads=3, heads=[], num_units=6, units=[(dense.kernel, 1)], num_key_value_heads=2
         )
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_narrow_block_computes_the_full_block_without_its_dropped_parts(inverse):
+    """The narrow call equals the full block whose dropped heads' and units'
+    output rows are zero (and, with `scaling="inverse"`, whose kept output
+    rows are scaled by the inverse of the kept fraction)."""
+    _, _, blocks = _encoder_model()
+    block = blocks[0]
+    x = keras.ops.convert_to_tensor(_data()[0])
+    parts = parts_module.width_parts(block)
+    kept = width.kept_indices(parts, 0.5, 7, 3, 0, NUMPY)
+    indices = {k: keras.ops.convert_to_tensor(v) for k, v in kept.items()}
+    narrow = width.narrow_call(
+        block, parts, indices, type(block).call.__get__(block), (x,), {}, inverse
+    )
+    narrow = keras.ops.convert_to_numpy(keras.ops.stop_gradient(narrow))
+    attention_out = block._self_attention_layer.output_dense.kernel
+    ffn_out = block._feedforward_output_dense.kernel
+    for kernel, part, total in ((attention_out, "heads", H), (ffn_out, "units", F)):
+        value = keras.ops.convert_to_numpy(kernel).copy()
+        dropped = np.setdiff1d(np.arange(total), kept[part])
+        value[dropped] = 0.0
+        if inverse:
+            value[kept[part]] *= total / len(kept[part])
+        kernel.assign(value)
+    full = keras.ops.convert_to_numpy(keras.ops.stop_gradient(block(x)))
+    np.testing.assert_allclose(narrow, full, rtol=1e-5, atol=1e-5)
