@@ -17,6 +17,10 @@ loss at equal steps, equal training FLOPs and equal wall-clock. The configs:
   (`off_path_update="zero_grad"`) and `raptr-long-last` (stages of a sixth,
   a sixth, a sixth and a half of the steps: the full network trains the
   last half);
+- width-wise RaPTr at the block compute of `6-8-10-12` (0.75):
+  `raptr-width` (`12@0.5-12@0.75-12@0.75-12`: every block, at half, then
+  three quarters of its heads and units) and `raptr-depth-width`
+  (`8@0.75-9-12@0.75-12`: both), each paired with `raptr`;
 - `NAME+cosine`: each of the above but the subset and the ablations under a
   linear warm-up (a tenth of the steps) and a cosine decay of the learning
   rate, paired with `baseline+cosine`.
@@ -83,6 +87,12 @@ OPTIONS = {
     "raptr-zero-grad": {"method": "raptr", "off_path_update": "zero_grad"},
     "raptr-long-last": {"method": "raptr", "stage_weights": (1, 1, 1, 3)},
 }
+# Width-wise parts at the block compute of `6-8-10-12` (0.75 of full
+# training): whole heads and units of the example's 4 heads and 512 units.
+WIDTH = {
+    "raptr-width": {"method": "raptr", "schedule": "12@0.5-12@0.75-12@0.75-12"},
+    "raptr-depth-width": {"method": "raptr", "schedule": "8@0.75-9-12@0.75-12"},
+}
 # The same under a warm-up and cosine decay of the learning rate, each
 # against the baseline with that schedule.
 COSINE = {
@@ -90,7 +100,7 @@ COSINE = {
     for name, options in {**METHODS, **OPTIONS}.items()
     if name != "raptr-subset"
 }
-CONFIGS = {**METHODS, **ABLATIONS, **OPTIONS, **COSINE}
+CONFIGS = {**METHODS, **ABLATIONS, **OPTIONS, **WIDTH, **COSINE}
 
 
 def baseline_of(name):

@@ -69,6 +69,17 @@ So `off_path_update` stays `"skip"`, the option that costs nothing for the
 blocks off the path, and `from_spec` keeps equal stages. At this scale
 `GradualStacking` at the same compute came closer to the baseline (0.012).
 
+Width-wise parts (`Stage(..., width=w)`): each on-path block runs a random
+`w` of its attention heads and feed-forward units, as narrower matrices
+(`engine/width.py`; the blocks need a width adapter,
+`keras_raptr.layers.WidthParts`). Measured with `quality.py` (JAX, 2004
+steps, three seeds) at the block compute of `6-8-10-12`: the width-wise
+`12@0.5-12@0.75-12@0.75-12` ended 0.006 below depth-wise RaPTr at equal
+steps on every seed (still 0.020 above the baseline), but its run was only
+1.05x faster than the baseline's (depth-wise: 1.56x): a narrow step still
+pays the full blocks' optimizer update, and each width compiles a step of
+its own. So width is an option for loss per step, not yet for seconds.
+
 Paper: Panigrahi, Saunshi, Lyu, Miryoosefi, Reddi, Kale, Kumar, "Efficient
 Stagewise Pretraining via Progressive Subnetworks", ICLR 2025,
 arXiv 2402.05913.
