@@ -149,20 +149,14 @@ class Steps:
         from keras_raptr.engine import width
         from keras_raptr.layers.width_parts import width_parts
 
-        if keras.backend.backend() == "jax":
-            model.jax_state_sync()
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+        self._variables_ready()
         parts = [width_parts(skip.block) for skip in model.blocks]
         sliced = [v for p in parts for v, _, _ in p.slices()]
         slots = width.slot_map(model.optimizer, sliced) if model.optimizer else {}
         self._width = (key, parts, slots)
 
-    def find_loop(self):
-        """The loop step for this `fit`, or `None` (then `reason` says why)."""
-        if self._checked:
-            return self.loop
-        self._checked = True
+    def _variables_ready(self):
+        """The variables' live values, and the optimizer's slots, on the host."""
         model = self.model
         if keras.backend.backend() == "jax":
             # Variables hold stale (donated) buffers during a JAX `fit`.
@@ -170,6 +164,14 @@ class Steps:
         if model.optimizer is not None and not model.optimizer.built:
             # As Keras would at the first step (TensorFlow builds late).
             model.optimizer.build(model.trainable_variables)
+
+    def find_loop(self):
+        """The loop step for this `fit`, or `None` (then `reason` says why)."""
+        if self._checked:
+            return self.loop
+        self._checked = True
+        model = self.model
+        self._variables_ready()
         # Finding each weight's slots runs the optimizer's update once per
         # block variable: done again only when the optimizer or the
         # variables change, not at every `fit`.
