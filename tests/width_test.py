@@ -177,6 +177,66 @@ def test_a_step_at_half_width_runs_narrow_matrices_and_moves_only_kept_slices(
     assert set(widths) == {F}
 
 
+@pytest.mark.parametrize("loss_scale", [False, True])
+def test_the_update_runs_on_the_kept_slices_alone_and_equals_the_full_update(
+    loss_scale, monkeypatch
+):
+    """AdamW (and under a loss scale) updates gathered slices: its gradients
+    and, in the compiled step, its arithmetic have the narrow shapes, and
+    the weights and slots it leaves equal those of the full-size update
+    with the dropped slices put back."""
+    x, y = _data()
+    results = []
+    for narrow in (True, False):
+        model, _, blocks = _encoder_model()
+        optimizer = keras.optimizers.AdamW(0.01, weight_decay=0.5)
+        if loss_scale:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0)  # builds the slots
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        kernel = blocks[0]._feedforward_intermediate_dense.kernel
+        seen = []
+        own = inner._filter_empty_gradients
+
+        def recording(grads, variables, _own=own):
+            seen.extend(tuple(g.shape) for g, v in zip(grads, variables) if v is kernel)
+            return _own(grads, variables)
+
+        object.__setattr__(inner, "_filter_empty_gradients", recording)
+        if not narrow:
+            monkeypatch.setattr(width, "_can_narrow", lambda *args: False)
+        step = int(keras.ops.convert_to_numpy(inner.iterations))
+        schedule = keras_raptr.StageSchedule(
+            [keras_raptr.Stage(2, step + 2, width=0.5)], fixed_blocks=()
+        )
+        model.fit(x, y, batch_size=1, steps_per_epoch=2, epochs=1, verbose=0, callbacks=[schedule])
+        assert seen and set(seen) == {(D, F // 2) if narrow else (D, F)}
+        results.append(
+            [keras.ops.convert_to_numpy(v) for v in model.trainable_variables + optimizer.variables]
+        )
+        if narrow and not loss_scale and keras.backend.backend() != "torch":
+            import os
+            import re
+            import sys
+
+            sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+            import compiled_step
+
+            text, _ = compiled_step.compiled(model, x, y, ("static", (True, True), 0.5))
+            # No product or square root on a 64-unit axis: the full-size
+            # update has dozens.
+            full_size = [
+                line
+                for line in text.splitlines()
+                if re.search(r"= f32\[[0-9,]*\b64\b[0-9,]*\]\S* (multiply|sqrt)\(", line)
+            ]
+            assert not full_size, full_size[:3]
+        monkeypatch.undo()
+    for narrow_value, full_value in zip(*results):
+        np.testing.assert_allclose(narrow_value, full_value, rtol=1e-5, atol=1e-6)
+
+
 def test_the_compiled_step_at_half_width_has_narrow_products_and_flops():
     if keras.backend.backend() == "torch":
         pytest.skip("PyTorch runs eagerly: the step above records its narrow matrices.")

@@ -76,9 +76,12 @@ Width-wise parts (`Stage(..., width=w)`): each on-path block runs a random
 steps, three seeds) at the block compute of `6-8-10-12`: the width-wise
 `12@0.5-12@0.75-12@0.75-12` ended 0.006 below depth-wise RaPTr at equal
 steps on every seed (still 0.020 above the baseline), but its run was only
-1.05x faster than the baseline's (depth-wise: 1.56x): a narrow step still
-pays the full blocks' optimizer update, and each width compiles a step of
-its own. So width is an option for loss per step, not yet for seconds.
+1.05x faster than the baseline's (depth-wise: 1.56x): a narrow step costs
+well above its share on a CPU (1.11x to 1.38x a plain model built at that
+width: the gathers and scatters of its slices, small ops with a fixed cost
+each; the optimizer updates the kept slices alone), and each width
+compiles a step of its own. So width is an option for loss per step, not
+yet for seconds.
 
 Paper: Panigrahi, Saunshi, Lyu, Miryoosefi, Reddi, Kale, Kumar, "Efficient
 Stagewise Pretraining via Progressive Subnetworks", ICLR 2025,

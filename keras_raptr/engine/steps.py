@@ -313,11 +313,10 @@ class Steps:
                 indices = width.kept_indices(block_parts, width_value, model.seed, step, i, KERAS)
             object.__setattr__(skip, "_narrow", _Narrow(skip.block, block_parts, indices, inverse))
             if not self._zero_grad():
-                masks = {part: width.part_mask(block_parts, part, index) for part, index in indices.items()}
-                masked += [
-                    (v, slots.get(id(v), []), axis, masks[part])
-                    for v, axis, part in block_parts.slices()
-                ]
+                for v, axis, part in block_parts.slices():
+                    found, complete = slots.get(id(v), ([], False))
+                    size = width.part_size(block_parts, part)
+                    masked.append((v, found, axis, indices[part], size, complete))
         try:
             if masked and model.optimizer is not None:
                 with width.kept_slices_only(model.optimizer, masked):
