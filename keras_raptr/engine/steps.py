@@ -315,8 +315,7 @@ class Steps:
             if not self._zero_grad():
                 for v, axis, part in block_parts.slices():
                     found, complete = slots.get(id(v), ([], False))
-                    size = width.part_size(block_parts, part)
-                    masked.append((v, found, axis, indices[part], size, complete))
+                    masked.append((v, found, axis, indices[part], complete))
         try:
             if masked and model.optimizer is not None:
                 with width.kept_slices_only(model.optimizer, masked):

@@ -207,15 +207,6 @@ def _layers(block):
     return found
 
 
-def part_size(parts, part):
-    """How many heads, key/value heads or units a part has."""
-    return {
-        "heads": parts.num_heads,
-        "key_value_heads": parts.num_key_value_heads,
-        "units": parts.num_units,
-    }[part]
-
-
 def _mask(index, total):
     """A boolean `(total,)` tensor: which of a part's heads or units are kept."""
     if keras.backend.backend() == "torch":
@@ -248,10 +239,10 @@ def kept_slices_only(optimizer, masked):
     on them in a stateless scope (the variables' shapes read as the narrow
     ones while it runs), and the new slices are written back into the full
     values. The update's arithmetic at width `w` is about `w` of a full
-    one's (tested on the compiled step), and every elementwise optimizer (SGD, Adam, AdamW, RMSprop, Lion,
-    ...) moves the kept slices exactly as on the full variable. One that
-    reads a whole variable (LAMB's trust ratio) sees the narrow one, as it
-    would in a model built at that width.
+    one's (tested on the compiled step), and every elementwise optimizer
+    (SGD, Adam, AdamW, RMSprop, Lion, ...) moves the kept slices exactly as
+    on the full variable. One that reads a whole variable (LAMB's trust
+    ratio) sees the narrow one, as it would in a model built at that width.
 
     Where that cannot be done (a slot of another shape than its variable,
     slots that cannot be found, an exponential moving average, gradient
@@ -260,10 +251,10 @@ def kept_slices_only(optimizer, masked):
 
     Args:
         optimizer: the model's optimizer.
-        masked: list of `(variable, slots, axis, index, total, complete)`:
-            a sliced variable, the optimizer variables that hold its state
-            (same shape), the axis, the kept indices along it, the part's
-            size and whether `slots` are all of the variable's state.
+        masked: list of `(variable, slots, axis, index, complete)`: a sliced
+            variable, the optimizer variables that hold its state (same
+            shape), the axis (one entry per head or unit), the kept indices
+            along it and whether `slots` are all of the variable's state.
     """
     from keras_raptr.engine.optimizer_gate import _overridden
 
@@ -305,7 +296,7 @@ def _narrow_apply(inner, masked):
         scope = scopes.child_scope([])
         entries = []  # (variable, full value, axis, index)
         shapes = []
-        for variable, slots, axis, index, _, _ in masked:
+        for variable, slots, axis, index, _ in masked:
             n = at.get(id(variable))
             if n is None:
                 continue
@@ -392,8 +383,8 @@ def _restoring_apply(inner, masked):
 
     def apply(grads, trainable_variables=None):
         before = []
-        for variable, slots, axis, index, total, _ in masked:
-            mask = _along(_mask(index, total), variable, axis)
+        for variable, slots, axis, index, _ in masked:
+            mask = _along(_mask(index, variable.shape[axis]), variable, axis)
             for v in [variable, *slots]:
                 # PyTorch runs eagerly: its own ops, without Keras' per-op
                 # conversions (hundreds of small tensors a step).
