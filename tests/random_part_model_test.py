@@ -471,6 +471,69 @@ def test_mixed_precision_with_dropout_and_inverse_scaling():
         keras.mixed_precision.set_global_policy("float32")
 
 
+class HalfResidual(keras.layers.Layer):
+    """`x + dense(x)`; under `mixed_float16` it computes in float16.
+
+    `returns="float32"` casts the sum back, as a block that keeps its
+    residual stream in float32 does.
+    """
+
+    def __init__(self, returns=None, **kwargs):
+        super().__init__(**kwargs)
+        self.returns = returns
+        self.dense = keras.layers.Dense(8)
+
+    def call(self, x):
+        y = x + self.dense(x)
+        return y if self.returns is None else ops.cast(y, self.returns)
+
+
+@pytest.mark.parametrize("returns", [None, "float32"], ids=["compute_dtype", "float32"])
+def test_a_custom_residual_layer_under_mixed_float16(returns):
+    # The model's float32 `keras.Input` feeds the first block, which
+    # computes (and, by default, returns) float16: a floating dtype change,
+    # not a block that is not residual.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8,))
+        blocks = [HalfResidual(returns, name=f"half_{i}") for i in range(4)]
+        x = inputs
+        for block in blocks:
+            x = block(x)
+        inner = keras.Model(inputs, keras.layers.Dense(1)(x))
+        model = keras_raptr.RandomPartModel(inner, blocks=blocks, seed=0)
+        # A small loss scale: no step is skipped for overflowing float16.
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.01), initial_scale=4.0
+        )
+        model.compile(optimizer=optimizer, loss="mse")
+        schedule = keras_raptr.StageSchedule([keras_raptr.Stage(3, 100)], sampling="subset")
+        data = regression_data()
+        for _ in range(2):
+            before = block_weights(model)
+            one_step(model, schedule, data)
+            changed = changed_blocks(before, block_weights(model))
+            assert len(changed) == 3 and {0, 3} <= set(changed), changed
+        if keras.backend.backend() != "torch":
+            if returns is None:
+                # Every block returns its input's dtype: the loop step.
+                assert list(model.compiled_train_steps) == ["loop"]
+                assert model.engine_reason is None
+            else:
+                # The loop carries one dtype: the conditional step, whose
+                # skipped blocks return their input cast to float32.
+                assert "conditional" in model.compiled_train_steps
+                assert model.engine_reason == (
+                    "block 0 ('half_0') returns float32 for a float16 input"
+                )
+        np.testing.assert_allclose(
+            model.predict(data[0], verbose=0), inner.predict(data[0], verbose=0)
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_pytorch_computes_the_path_on_the_host(monkeypatch):
     if keras.backend.backend() != "torch":
         pytest.skip("JAX and TensorFlow decide the path inside the compiled step")

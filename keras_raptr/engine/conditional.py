@@ -117,8 +117,19 @@ def jax_gated(skip, block_call, on, scale, args, kwargs, residual):
         y = residual(call_args[0], y, None if scale is None else scale_value)
         return y, new_state
 
+
+
+    # A block may return another floating dtype than its input's (mixed
+    # precision): off the path it returns its input in that dtype. (Keras'
+    # `compute_output_spec` cannot read the variables inside the step.)
+    skipped_dtype = skip._skipped_dtype(
+        args,
+        kwargs,
+        lambda: jax.eval_shape(run, weights, state_values, floats, others, scale_value)[0],
+    )
+
     def skip_block(weights, state_values, floats, others, scale_value):
-        return floats[0], list(state_values)
+        return floats[0].astype(skipped_dtype), list(state_values)
 
     def forward(on, weights, state_values, floats, others, scale_value):
         return jax.lax.cond(

@@ -88,7 +88,7 @@ def train_function(steps, make_base):
                 args = (_keras_state(steps, args[0]), *args[1:])
             elif steps.loop is not None:
                 steps.loop.to_blocks()
-            steps.give_up_loop(str(error))
+            steps.give_up_loop(error.reason)
             variants.pop(key, None)
             steps.variant = ("conditional",)
             return call(steps.variant, args, kwargs)

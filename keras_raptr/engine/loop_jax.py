@@ -54,6 +54,18 @@ class LoopUnsupported(Exception):
     """Raised while a loop step traces, when the model breaks an assumption
     that only the trace can show; the engine then takes the conditional step."""
 
+    @property
+    def reason(self):
+        """The sentence raised, without the call context Keras wraps it in.
+
+        Raised inside a layer's call, the exception reaches the engine as
+        Keras' "Exception encountered when calling ...", with the sentence in
+        bold between the layer's name and its arguments.
+        """
+        text = str(self)
+        start, end = text.find("\x1b[1m"), text.find("\x1b[0m")
+        return text[start + 4 : end] if 0 <= start < end else text
+
 
 class Head:
     """The gate of the chain's first block: it runs the whole path."""
@@ -321,6 +333,11 @@ class JaxLoop(_Chain):
             if isinstance(y, (tuple, list, dict)):
                 raise LoopUnsupported(f"block 0 ('{skip.block.name}') returns a structure")
             _check_output(skip, h, y)
+            if y.dtype != h.dtype:
+                # The loop carries one dtype from block to block.
+                raise LoopUnsupported(
+                    f"block 0 ('{skip.block.name}') returns {y.dtype} for a {h.dtype} input"
+                )
             if scale is not None:
                 y = h + (y - h) * scale.astype(y.dtype)
             return y, new_state

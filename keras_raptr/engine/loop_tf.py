@@ -274,6 +274,12 @@ class TfLoop(_Chain):
             if isinstance(y, (tuple, list, dict)):
                 raise LoopUnsupported(f"block 0 ('{skip.block.name}') returns a structure")
             _check_output(skip, h, y)
+            if y.dtype != h.dtype:
+                # The loop carries one dtype from block to block.
+                raise LoopUnsupported(
+                    f"block 0 ('{skip.block.name}') returns {y.dtype.name} for a "
+                    f"{h.dtype.name} input"
+                )
             if current.scale is not None:
                 y = h + (y - h) * tf.cast(tf.gather(current.scale, r), y.dtype)
             new_rows = state_rows.join(new_state)

@@ -43,8 +43,12 @@ class RandomSkip(keras.layers.Layer):
 
     The block must be a residual block whose output has the shape and dtype
     of its first input (`x + f(x)`, with the residual add inside the block, as
-    in keras-hub's transformer layers). Otherwise a training step that gates
-    it raises a `ValueError` naming the block and both shapes (or dtypes):
+    in keras-hub's transformer layers), or another floating dtype: under a
+    mixed precision policy a block that receives float32 and computes in
+    float16, or returns float32 from float16, is residual, and off the path
+    it returns its input cast to its output's dtype. Otherwise a training
+    step that gates it raises a `ValueError` naming the block and both
+    shapes (or dtypes):
     when it is wrapped, if it is called in a Functional model; else when a
     step first runs it, or, on PyTorch, first skips it (its output is then
     worked out symbolically, once per input shape, without running it).
@@ -113,6 +117,8 @@ class RandomSkip(keras.layers.Layer):
         _install(block, self)
         # (shape, dtype) of the inputs whose output was found to match.
         self._checked = set()
+        # (shape, dtype) of an input -> the dtype of the block's output.
+        self._output_dtypes = {}
         # A model that calls the block directly never calls this layer: it is
         # built when its block is (see `_gated_call`). Keras rebuilds a model
         # symbolically at every `fit` while any of its layers is unbuilt.
@@ -167,7 +173,8 @@ class RandomSkip(keras.layers.Layer):
                     # An eager step: a block that is not residual would
                     # otherwise be found only at a later step that runs it.
                     self._check_skipped(args, kwargs)
-                return args[0]
+                    return args[0]
+                return self._skipped(args, kwargs)
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
         if keras.backend.backend() == "jax":
             return conditional.jax_gated(
@@ -175,14 +182,51 @@ class RandomSkip(keras.layers.Layer):
                 lambda x, y, s: _residual(self, x, y, s),
             )
         return conditional.cond_gated(
-            on, lambda: _residual(self, args[0], block_call(*args, **kwargs), scale), args[0]
+            on,
+            lambda: _residual(self, args[0], block_call(*args, **kwargs), scale),
+            self._skipped(args, kwargs),
         )
 
-    def _check_skipped(self, args, kwargs):
-        """Checks an off-path block's output spec, once per input signature."""
+    def _skipped(self, args, kwargs):
+        """The output of the block off the path: its input, in its output's dtype.
+
+        A block may return another floating dtype than it receives (under a
+        mixed precision policy, a block that returns float32 from its float16
+        computation). Off the path it returns its input cast to that dtype,
+        so that both sides of a conditional, and the layers after the block,
+        see one dtype whatever the path. (On PyTorch, which runs each path
+        eagerly, the input is returned as it is: no conditional needs the
+        sides to agree, the next layer casts its inputs itself, and the
+        symbolic output dtype there can differ from the eager one.)
+        """
         x = args[0]
-        if not hasattr(x, "shape") or _signature(x) in self._checked:
-            return
+        if not hasattr(x, "dtype"):
+            return x
+        dtype = self._skipped_dtype(args, kwargs)
+        if dtype == keras.backend.standardize_dtype(x.dtype):
+            return x
+        return ops.cast(x, dtype)
+
+    def _skipped_dtype(self, args, kwargs, output_spec=None):
+        """The dtype of the block's output for these inputs.
+
+        `output_spec()` gives the block's output spec (by default its
+        `compute_output_spec`); the dtype is kept per input shape and dtype.
+        The input's own dtype when the spec cannot be computed.
+        """
+        signature = _signature(args[0])
+        if signature not in self._output_dtypes:
+            if output_spec is None:
+                y = self._output_spec(args, kwargs)
+            else:
+                y = output_spec()
+            if not hasattr(y, "dtype") or isinstance(y, (list, tuple, dict)):
+                return signature[1]
+            self._output_dtypes[signature] = keras.backend.standardize_dtype(y.dtype)
+        return self._output_dtypes[signature]
+
+    def _output_spec(self, args, kwargs):
+        """The block's symbolic output for these inputs, or `None`."""
 
         def spec(value):
             if ops.is_tensor(value):
@@ -193,14 +237,23 @@ class RandomSkip(keras.layers.Layer):
         gate, self._gate = self._gate, None
         narrow, self._narrow = self._narrow, None
         try:
-            y = self.block.compute_output_spec(*spec_args, **spec_kwargs)
+            return self.block.compute_output_spec(*spec_args, **spec_kwargs)
         except Exception:
-            # The check is a courtesy: a block that cannot be traced
-            # symbolically is checked when a step runs it.
-            return
+            # A block that cannot be traced symbolically is checked when a
+            # step runs it.
+            return None
         finally:
             self._gate = gate
             self._narrow = narrow
+
+    def _check_skipped(self, args, kwargs):
+        """Checks an off-path block's output spec, once per input signature."""
+        x = args[0]
+        if not hasattr(x, "shape") or _signature(x) in self._checked:
+            return
+        y = self._output_spec(args, kwargs)
+        if y is None:
+            return
         if isinstance(y, (list, tuple, dict)):
             return
         _check_output(self, x, y)
@@ -261,18 +314,26 @@ def _check_output(skip, x, y):
             f"input) is valid. Input shape: {tuple(x.shape)}, output: "
             f"{output}. Wrap only residual blocks."
         )
-    if keras.backend.standardize_dtype(y.dtype) != keras.backend.standardize_dtype(
-        x.dtype
-    ):
+    x_dtype = keras.backend.standardize_dtype(x.dtype)
+    y_dtype = keras.backend.standardize_dtype(y.dtype)
+    if x_dtype != y_dtype and not (_is_float(x_dtype) and _is_float(y_dtype)):
+        # A floating dtype change (a block under a mixed precision policy
+        # computes in float16 what its float32 input holds) is still a
+        # residual block: Keras casts a skipped block's input to the output's
+        # dtype, as `_skipped` does.
         raise ValueError(
             f"`RandomSkip` needs the block '{skip.block.name}' to return its "
-            f"input's dtype, so that skipping it (returning the input) is valid; "
-            f"input: {keras.backend.standardize_dtype(x.dtype)}, output: "
-            f"{keras.backend.standardize_dtype(y.dtype)}. Wrap only residual "
-            "blocks, or cast the block's output to its input's dtype."
+            f"input's dtype (or another floating dtype for a floating input), "
+            f"so that skipping it (returning the input) is valid; input: "
+            f"{x_dtype}, output: {y_dtype}. Wrap only residual blocks, or cast "
+            "the block's output to its input's dtype."
         )
     if checked is not None and hasattr(x, "shape"):
         checked.add(_signature(x))
+
+
+def _is_float(dtype):
+    return "float" in dtype
 
 
 def _residual(skip, x, y, scale):
