@@ -33,11 +33,12 @@ import numbers
 import keras
 
 from keras_raptr import schedules
-from keras_raptr.callbacks.gradual_stacking import GradualStacking
-from keras_raptr.callbacks.path_strategy import PathStrategy
-from keras_raptr.callbacks.progressive_layer_drop import ProgressiveLayerDrop
-from keras_raptr.callbacks.stage_schedule import StageSchedule
-from keras_raptr.callbacks.stochastic_depth import StochasticDepth
+from keras_raptr.strategies.gradual_stacking import GradualStacking
+from keras_raptr.strategies.path_strategy import PathStrategy
+from keras_raptr.strategies import progressive_layer_drop
+from keras_raptr.strategies.progressive_layer_drop import ProgressiveLayerDrop
+from keras_raptr.strategies.stage_schedule import StageSchedule
+from keras_raptr.strategies.stochastic_depth import StochasticDepth
 from keras_raptr.models.random_part_model import RandomPartModel
 
 
@@ -124,7 +125,7 @@ def _kept_steps(strategy, num_blocks, steps):
         return [steps * k for k in strategy.keep_probabilities_at(0, num_blocks)]
     if isinstance(strategy, ProgressiveLayerDrop):
         # keep_i(t) = 1 - (i / L)(1 - theta_bar)(1 - e^(-gamma t)).
-        decay = steps * schedules._mean_decay(strategy.gamma, steps)
+        decay = steps * progressive_layer_drop.mean_decay(strategy.gamma, steps)
         dropped = (1.0 - strategy.theta_bar) * (steps - decay)
         return [steps - (i / num_blocks) * dropped for i in range(1, num_blocks + 1)]
     kept = [0.0] * num_blocks
@@ -232,7 +233,7 @@ class TrainFlops(keras.callbacks.Callback):
         self._flops = train_flops_per_step(
             model, self.batch_size, self.sequence_length
         )
-        self._strategy = model.schedule
+        self._strategy = model.strategy
         self._step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
         self.train_flops = expected_run_flops(self._flops, self._strategy, self._step)
 

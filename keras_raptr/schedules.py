@@ -8,7 +8,10 @@ answered by a function of `(stages, step)` or `(stages, num_blocks)`.
 
 The callback (`keras_raptr.StageSchedule`) and the model
 (`keras_raptr.RandomPartModel`) both read these functions, so the host-side
-bookkeeping and the compiled train step can never disagree.
+bookkeeping and the compiled train step can never disagree. Gradual stacking
+reads the stage functions too, and every strategy the argument checks.
+PLD's and stochastic depth's maths live with their method cards, in
+`strategies/progressive_layer_drop.py` and `strategies/stochastic_depth.py`.
 """
 
 import dataclasses
@@ -562,88 +565,3 @@ def check_stages(stages, num_blocks, num_fixed):
                 f"Use a path length of at least {num_fixed}, or fewer "
                 "`fixed_blocks`."
             )
-
-
-# ----------------------------------------------------------------------
-# Progressive layer dropping and stochastic depth: keep probabilities as
-# pure functions of the step and the block's depth.
-
-
-def pld_theta(step, theta_bar, gamma):
-    """PLD's global keep probability at `step`: `(1 - θ̄) e^(-γ t) + θ̄`."""
-    return (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
-
-
-def depth_keep_probabilities(theta, num_blocks):
-    """Keep probability of block `i` (1-based depth): `1 - (i / L)(1 - θ)`."""
-    return [1.0 - (i / num_blocks) * (1.0 - theta) for i in range(1, num_blocks + 1)]
-
-
-def pld_compute_fraction(theta_bar, gamma, num_blocks, total_steps):
-    """Expected block compute of PLD over `total_steps` steps.
-
-    Per step the expected fraction is `1 - c (1 - θ(t))` with
-    `c = (L + 1) / (2 L)`; the mean of `θ(t)` over the steps is a geometric
-    sum.
-    """
-    c = (num_blocks + 1) / (2 * num_blocks)
-    return 1.0 - c * (1.0 - theta_bar) * (1.0 - _mean_decay(gamma, total_steps))
-
-
-def pld_theta_bar_for(fraction, gamma, num_blocks, total_steps):
-    """The `θ̄` at which PLD's compute fraction over `total_steps` is `fraction`."""
-    c = (num_blocks + 1) / (2 * num_blocks)
-    # The share of the steps' keep probability that `θ̄` decides: 0 when
-    # `θ(t)` stays at 1 over the steps (gamma 0, or too small to move it).
-    decided = c * (1.0 - _mean_decay(gamma, total_steps))
-    if decided > 0.0:
-        theta_bar = 1.0 - (1.0 - fraction) / decided
-        # The ends of the range, as `pld_compute_fraction` gives them, may
-        # come back just outside [0, 1]: `1 - fraction` is known to an ulp
-        # of 1, which the division by `decided` magnifies.
-        tolerance = 1e-12 + 1e-15 / decided
-        if -tolerance < theta_bar < 0.0 or 1.0 < theta_bar < 1.0 + tolerance:
-            theta_bar = min(1.0, max(0.0, theta_bar))
-    else:
-        theta_bar = 1.0 if fraction >= 1.0 else -1.0
-    if not 0.0 <= theta_bar <= 1.0:
-        lowest = pld_compute_fraction(0.0, gamma, num_blocks, total_steps)
-        raise ValueError(
-            f"Progressive layer dropping cannot reach a compute fraction of "
-            f"{fraction:g} on {num_blocks} blocks over {total_steps} steps with "
-            f"gamma={gamma:g}: it ranges from {lowest:.3f} (theta_bar=0) to 1. "
-            "Use a larger fraction, or a larger gamma or more steps."
-        )
-    return theta_bar
-
-
-def stochastic_depth_keep_probabilities(keep_prob, num_blocks, distribution):
-    """Per-block keep probabilities of stochastic depth."""
-    if distribution == "uniform":
-        return [float(keep_prob)] * num_blocks
-    return depth_keep_probabilities(keep_prob, num_blocks)
-
-
-def stochastic_depth_keep_prob_for(fraction, num_blocks, distribution):
-    """The `keep_prob` at which stochastic depth's compute fraction is `fraction`."""
-    if distribution == "uniform":
-        keep_prob = fraction
-    else:
-        keep_prob = 1.0 - (1.0 - fraction) * 2 * num_blocks / (num_blocks + 1)
-    if not 0.0 < keep_prob <= 1.0:
-        raise ValueError(
-            f"Stochastic depth ({distribution}) cannot reach a compute fraction of "
-            f"{fraction:g} on {num_blocks} blocks: with the linear rule the "
-            f"lowest is {(num_blocks + 1) / (2 * num_blocks):.3f}."
-        )
-    return keep_prob
-
-
-def _mean_decay(gamma, total_steps):
-    """The mean of `e^(-γ t)` over `t = 0 .. total_steps - 1`.
-
-    `expm1` keeps a tiny `γ` (1e-20) from dividing zero by zero.
-    """
-    if gamma == 0 or total_steps <= 1:
-        return 1.0
-    return math.expm1(-gamma * total_steps) / (total_steps * math.expm1(-gamma))

@@ -6,12 +6,10 @@ import textwrap
 import pytest
 
 import keras_raptr
-from keras_raptr.models.random_part_task import RandomPartTask
 
 PUBLIC = {
     "RandomPartModel": keras_raptr.RandomPartModel,
     "RandomPartModel.from_preset": keras_raptr.RandomPartModel.from_preset,
-    "RandomPartTask": RandomPartTask,
     "ProgressiveLayerDrop": keras_raptr.ProgressiveLayerDrop,
     "StochasticDepth": keras_raptr.StochasticDepth,
     "GradualStacking": keras_raptr.GradualStacking,

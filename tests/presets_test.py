@@ -156,6 +156,42 @@ def test_compile_defaults_come_from_the_task():
     assert type(model.inner.sampler).__name__ == "GreedySampler"
 
 
+class LastBlocksFirst(keras_raptr.RandomPartModel):
+    """A user's subclass: its own `find_blocks`, around a task."""
+
+    def find_blocks(self, model):
+        return list(model.backbone.transformer_layers)[:3]
+
+
+def test_a_subclass_around_a_task_keeps_the_task_behaviour():
+    model = LastBlocksFirst(BUILDERS["gpt2"](), seed=0)
+    assert type(model) is LastBlocksFirst and len(model.blocks) == 3
+    # Compiled on construction with the task's defaults; raw text in.
+    assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+    assert model.preprocessor is model.inner.preprocessor
+    assert model.backbone is model.inner.backbone
+    schedule = keras_raptr.StageSchedule([keras_raptr.Stage(2, 1)], sampling="subset")
+    before = block_snapshot(model)
+    model.fit(TEXTS[:4], batch_size=4, epochs=1, callbacks=[schedule], verbose=0)
+    assert moved_blocks(before, block_snapshot(model)) == [0, 2]
+    assert model.evaluate(TEXTS[:4], batch_size=4, verbose=0) is not None
+    generated = model.generate([TEXTS[0][:9]], max_length=8)
+    assert generated[0].startswith(TEXTS[0][:9])
+    # The name of the former task subclass is the same class.
+    from keras_raptr.models.random_part_task import RandomPartTask
+
+    assert RandomPartTask is keras_raptr.RandomPartModel
+
+
+def test_a_model_that_is_not_a_task_has_no_task_behaviour():
+    model = keras_raptr.RandomPartModel(bert_backbone(), seed=0)
+    assert model.preprocessor is None and model.backbone is None
+    with pytest.raises(AttributeError, match="has no `generate\\(\\)`"):
+        model.generate(["the"])
+    with pytest.raises(AttributeError, match="not a keras-hub task: it has no preprocessing"):
+        model.preprocess_samples(["the"])
+
+
 def test_wrapped_task_saves_and_loads_as_keras_file(tmp_path):
     model = keras_raptr.RandomPartModel(BUILDERS["bert"](), seed=3)
     schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=2)

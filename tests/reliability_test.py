@@ -157,7 +157,8 @@ def test_a_step_skipped_by_the_loss_scale_keeps_host_and_step_on_one_path():
     assert skipped and len(trained) >= 8 and len(skipped) + len(trained) == 40
     # A skipped step changes no block; a trained one exactly its path.
     assert all(changed == [] for _, _, changed in skipped)
-    plan = model.schedule.resolve(6)
+    assert model.schedule is model.strategy  # the kept name
+    plan = model.strategy.resolve(6)
     for step, _, changed in trained:
         on = path.host_path(plan, plan.tables(), model.seed, step)
         assert changed == [i for i in range(6) if on[i]], step

@@ -470,3 +470,10 @@ def test_stacking_resumed_from_a_saved_model_stacks_at_the_boundary(tmp_path):
     for source, target in ((0, 2), (1, 3)):
         for a, b in zip(probe.weights[source], probe.weights[target]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_the_former_package_name_imports_the_same_strategies():
+    import keras_raptr.callbacks
+
+    for name in keras_raptr.callbacks.__all__:
+        assert getattr(keras_raptr.callbacks, name) is getattr(keras_raptr, name)

@@ -6,7 +6,7 @@ import random
 import keras
 import numpy as np
 
-from keras_raptr.callbacks.path_strategy import PathStrategy
+from keras_raptr.strategies.path_strategy import PathStrategy
 from keras_raptr.engine.steps import Steps
 from keras_raptr.layers.random_skip import RandomSkip
 from keras_raptr.layers.random_skip import check_functional_shapes
@@ -58,8 +58,8 @@ class RandomPartModel(keras.Model):
     Attributes:
         inner: the wrapped model. Save or export it to get a plain model.
         blocks: list of the `RandomSkip` layers, in depth order.
-        schedule: the strategy (`StageSchedule`, ...) of the last `fit`, or
-            `None`.
+        strategy: the strategy (`StageSchedule`, ...) of the last `fit`, or
+            `None`. (`schedule` is another name for it, kept.)
 
     Example:
 
@@ -90,6 +90,35 @@ class RandomPartModel(keras.Model):
     model.fit(x, y, batch_size=8, epochs=4, callbacks=[schedule], verbose=0)
     ```
 
+    Around a keras-hub task (or keras-nlp), the model also behaves like the
+    task: `fit`, `evaluate` and `predict` take raw inputs through the task's
+    preprocessor, `compile()` with no arguments (done on construction) uses
+    the task's defaults, and `generate()`, `preprocessor`, `backbone` and
+    `save_to_preset()` are the task's. A subclass of `RandomPartModel` keeps
+    all of it.
+
+    ```python
+    import keras_hub
+    import keras_raptr
+
+    tokenizer = keras_hub.models.BertTokenizer(
+        vocabulary=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the",
+                    "quick", "brown", "fox"],
+    )
+    preprocessor = keras_hub.models.BertMaskedLMPreprocessor(
+        tokenizer, sequence_length=8, mask_selection_rate=0.5,
+    )
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=9, num_layers=4, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=8,
+    )
+    task = keras_hub.models.BertMaskedLM(backbone, preprocessor=preprocessor)
+    model = keras_raptr.RandomPartModel(task, seed=0)  # compiled as the task is
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=4)
+    model.fit(["the quick brown fox"] * 8, batch_size=4, epochs=2,
+              callbacks=[schedule], verbose=0)
+    ```
+
     Subclassing: to make `RandomPartModel(model)` find the blocks of your own
     architecture, override `find_blocks`:
 
@@ -108,15 +137,6 @@ class RandomPartModel(keras.Model):
         Panigrahi et al., "Efficient Stagewise Pretraining via Progressive
         Subnetworks", ICLR 2025 (arXiv 2402.05913).
     """
-
-    def __new__(cls, model=None, *args, **kwargs):
-        if cls is RandomPartModel and _presets.is_keras_hub_task(model):
-            # Around a keras-hub task: keep its preprocessing, compile
-            # defaults, `generate()` and `save_to_preset()`.
-            from keras_raptr.models.random_part_task import RandomPartTask
-
-            cls = RandomPartTask
-        return super().__new__(cls, model, *args, **kwargs)
 
     def __init__(self, model, blocks=None, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -147,7 +167,7 @@ class RandomPartModel(keras.Model):
         # The strategy (`StageSchedule`, ...) of the last `fit` (`None`: train
         # the full network), and the train-step variants (plain attributes,
         # outside Keras and torch tracking).
-        self._schedule = None
+        self._strategy = None
         object.__setattr__(self, "_steps", Steps(self))
         # Set while a gated train step is traced (JAX, TensorFlow) or run
         # (PyTorch): the per-block `(on, scale)` gates of the step's path.
@@ -155,6 +175,17 @@ class RandomPartModel(keras.Model):
         self._train_function_key = None
         if getattr(model, "built", False):
             self.built = True
+        # Around a keras-hub task: its preprocessing and compile defaults
+        # (`models/_task_pipeline.py`); `None` for any other model.
+        task = None
+        if _presets.is_keras_hub_task(model):
+            from keras_raptr.models._task_pipeline import TaskPipeline
+
+            task = TaskPipeline(model)
+        object.__setattr__(self, "_task", task)
+        if task is not None:
+            # Like a keras-hub task: ready to `fit` with the task's defaults.
+            self.compile()
 
     @classmethod
     def from_preset(
@@ -178,9 +209,9 @@ class RandomPartModel(keras.Model):
                 `sequence_length=`).
 
         Returns:
-            A `RandomPartModel` (a `RandomPartTask` for a task: it keeps the
-            task's preprocessing, compile defaults, `generate()` and
-            `save_to_preset()`).
+            A `RandomPartModel` (of the class `from_preset` is called on);
+            around a task, it keeps the task's preprocessing, compile
+            defaults, `generate()` and `save_to_preset()`.
 
         Raises:
             FileNotFoundError: a local preset directory that does not exist.
@@ -330,9 +361,14 @@ class RandomPartModel(keras.Model):
         return self._steps.reason
 
     @property
-    def schedule(self):
+    def strategy(self):
         """The strategy (`StageSchedule`, ...) of the last `fit`, or `None`."""
-        return self._schedule
+        return self._strategy
+
+    @property
+    def schedule(self):
+        """Another name for `strategy`, kept from earlier versions."""
+        return self._strategy
 
     def call(self, inputs, training=None, **kwargs):
         gates = self._gates
@@ -413,26 +449,93 @@ class RandomPartModel(keras.Model):
         return self.train_function
 
     def fit(self, *args, **kwargs):
-        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
-        callbacks = bound.arguments.get("callbacks")
-        self._attach(_find_schedule(callbacks))
+        """`keras.Model.fit`; around a keras-hub task, on preprocessed inputs."""
+        arguments = _bound(keras.Model.fit, self, args, kwargs)
+        if self._task is not None:
+            arguments = self._task.fit_arguments(arguments)
+        callbacks = arguments.get("callbacks")
+        self._attach(_find_strategy(callbacks))
         if keras.backend.backend() == "tensorflow" and self._steps.plan is not None:
             # The loop step keeps the blocks' state in stacks of its own: the
             # blocks' variables take it back whenever they may be read.
-            bound.arguments["callbacks"] = [_Release(self, callbacks)] + _as_list(callbacks)
-            args, kwargs = bound.args[1:], bound.kwargs
+            arguments["callbacks"] = [_Release(self, callbacks)] + _as_list(callbacks)
         try:
-            return super().fit(*args, **kwargs)
+            return super().fit(**arguments)
         finally:
             self._steps.release()
 
     def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate`; around a keras-hub task, on preprocessed inputs."""
         self._steps.release()
-        return super().evaluate(*args, **kwargs)
+        arguments = _bound(keras.Model.evaluate, self, args, kwargs)
+        if self._task is not None:
+            arguments = self._task.eval_arguments(arguments)
+        return super().evaluate(**arguments)
 
     def predict(self, *args, **kwargs):
+        """`keras.Model.predict`; around a keras-hub task, on preprocessed inputs."""
         self._steps.release()
-        return super().predict(*args, **kwargs)
+        arguments = _bound(keras.Model.predict, self, args, kwargs)
+        if self._task is not None:
+            arguments = self._task.eval_arguments(arguments)
+        return super().predict(**arguments)
+
+    # ------------------------------------------------------------------
+    # Around a keras-hub task: the task's own behaviour.
+
+    @property
+    def preprocessor(self):
+        """The wrapped task's preprocessor (`None` if it has none, or no task)."""
+        return None if self._task is None else self._task.preprocessor
+
+    @property
+    def backbone(self):
+        """The wrapped task's backbone (`None` if not a keras-hub task)."""
+        return None if self._task is None else self.inner.backbone
+
+    def preprocess_samples(self, x, y=None, sample_weight=None):
+        """The wrapped task's `preprocess_samples`."""
+        if self._task is None:
+            raise AttributeError(
+                f"{type(self).__name__} '{self.name}' wraps "
+                f"{type(self.inner).__name__}, not a keras-hub task: it has no "
+                "preprocessing. Pass it preprocessed inputs."
+            )
+        return self.inner.preprocess_samples(x, y, sample_weight)
+
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`; around a keras-hub task, with its defaults.
+
+        Around a task it takes the arguments of the task's `compile` (for a
+        keras-hub `CausalLM`, `sampler=` too); what is left out, or
+        `"auto"`, is the task's default optimizer, loss and metrics. The
+        task is compiled with the same arguments, so that its `generate()`
+        uses the same sampler.
+        """
+        if self._task is None:
+            return super().compile(*args, **kwargs)
+        return super().compile(**self._task.compile_arguments(*args, **kwargs))
+
+    def compile_from_config(self, config):
+        # `compile` is overridden, so Keras leaves restoring it to us.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped task's `generate()`, on the full network.
+
+        Generation (with or without a cache) never skips a block: the path is
+        only drawn inside a training step. Arguments are the task's.
+        """
+        generate = getattr(self.inner, "generate", None)
+        if generate is None:
+            raise AttributeError(
+                f"The wrapped model {type(self.inner).__name__} has no "
+                "`generate()`; only keras-hub causal and seq2seq LMs generate."
+            )
+        return generate(*args, **kwargs)
 
     def get_weights(self):
         self._steps.release()
@@ -458,21 +561,21 @@ class RandomPartModel(keras.Model):
                 return swap(weights)
         return weights
 
-    def _attach(self, schedule):
+    def _attach(self, strategy):
         """Attaches a strategy (or `None`: train the full network)."""
-        if schedule is None:
-            self._schedule = None
+        if strategy is None:
+            self._strategy = None
             self._steps.attach(None)
             return
         if keras.backend.backend() == "torch" and getattr(self, "jit_compile", False):
             raise ValueError(
-                f"`{type(schedule).__name__}` does not support `jit_compile=True` "
+                f"`{type(strategy).__name__}` does not support `jit_compile=True` "
                 "on PyTorch: "
                 "`torch.compile` would recompile the train step for each new "
                 "path. Compile the model with `jit_compile=False`."
             )
-        self._steps.attach(schedule.resolve(len(self.blocks)))
-        self._schedule = schedule
+        self._steps.attach(strategy.resolve(len(self.blocks)))
+        self._strategy = strategy
 
     # ------------------------------------------------------------------
     # Serialization.
@@ -506,6 +609,15 @@ class RandomPartModel(keras.Model):
                 )
             blocks = [by_name[name] for name in names]
         return cls(model, blocks=blocks, **config)
+
+
+def _bound(method, model, args, kwargs):
+    """`method(model, *args, **kwargs)`'s arguments, by name, as given."""
+    arguments = inspect.signature(method).bind(model, *args, **kwargs).arguments
+    arguments = dict(arguments)
+    arguments.pop("self", None)
+    extra = arguments.pop("kwargs", {})
+    return {**arguments, **extra}
 
 
 def _as_list(callbacks):
@@ -558,7 +670,7 @@ def _has_batch_hooks(callback):
     )
 
 
-def _find_schedule(callbacks):
+def _find_strategy(callbacks):
     if callbacks is None:
         return None
     if isinstance(callbacks, keras.callbacks.CallbackList):

@@ -26,10 +26,39 @@ import keras
 import numpy as np
 
 from keras_raptr import schedules
-from keras_raptr.callbacks.path_strategy import PathStrategy
-from keras_raptr.callbacks.path_strategy import Plan
+from keras_raptr.strategies.path_strategy import PathStrategy
+from keras_raptr.strategies.path_strategy import Plan
 
 DISTRIBUTIONS = ("uniform", "linear")
+
+
+# Stochastic depth's maths: per-block keep probabilities, and the one
+# that costs a given compute.
+
+
+def depth_keep_probabilities(theta, num_blocks):
+    """Keep probability of block `i` (1-based depth): `1 - (i / L)(1 - θ)`."""
+    return [1.0 - (i / num_blocks) * (1.0 - theta) for i in range(1, num_blocks + 1)]
+
+def stochastic_depth_keep_probabilities(keep_prob, num_blocks, distribution):
+    """Per-block keep probabilities of stochastic depth."""
+    if distribution == "uniform":
+        return [float(keep_prob)] * num_blocks
+    return depth_keep_probabilities(keep_prob, num_blocks)
+
+def stochastic_depth_keep_prob_for(fraction, num_blocks, distribution):
+    """The `keep_prob` at which stochastic depth's compute fraction is `fraction`."""
+    if distribution == "uniform":
+        keep_prob = fraction
+    else:
+        keep_prob = 1.0 - (1.0 - fraction) * 2 * num_blocks / (num_blocks + 1)
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(
+            f"Stochastic depth ({distribution}) cannot reach a compute fraction of "
+            f"{fraction:g} on {num_blocks} blocks: with the linear rule the "
+            f"lowest is {(num_blocks + 1) / (2 * num_blocks):.3f}."
+        )
+    return keep_prob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +144,7 @@ class StochasticDepth(PathStrategy):
                 f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}."
             )
         return cls(
-            schedules.stochastic_depth_keep_prob_for(fraction, num_blocks, distribution),
+            stochastic_depth_keep_prob_for(fraction, num_blocks, distribution),
             distribution=distribution,
             off_path_update=off_path_update,
         )
@@ -123,7 +152,7 @@ class StochasticDepth(PathStrategy):
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's keep probability (the same at every step)."""
         schedules.check_step(step)
-        return schedules.stochastic_depth_keep_probabilities(
+        return stochastic_depth_keep_probabilities(
             self.keep_prob, schedules.check_num_blocks(num_blocks), self.distribution
         )
 

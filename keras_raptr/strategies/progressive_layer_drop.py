@@ -28,8 +28,63 @@ import keras
 import numpy as np
 
 from keras_raptr import schedules
-from keras_raptr.callbacks.path_strategy import PathStrategy
-from keras_raptr.callbacks.path_strategy import Plan
+from keras_raptr.strategies.path_strategy import PathStrategy
+from keras_raptr.strategies.path_strategy import Plan
+from keras_raptr.strategies.stochastic_depth import depth_keep_probabilities
+
+
+# PLD's maths: the keep probabilities as pure functions of the step and
+# the block's depth, and the compute they cost.
+
+
+def pld_theta(step, theta_bar, gamma):
+    """PLD's global keep probability at `step`: `(1 - θ̄) e^(-γ t) + θ̄`."""
+    return (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
+
+def pld_compute_fraction(theta_bar, gamma, num_blocks, total_steps):
+    """Expected block compute of PLD over `total_steps` steps.
+
+    Per step the expected fraction is `1 - c (1 - θ(t))` with
+    `c = (L + 1) / (2 L)`; the mean of `θ(t)` over the steps is a geometric
+    sum.
+    """
+    c = (num_blocks + 1) / (2 * num_blocks)
+    return 1.0 - c * (1.0 - theta_bar) * (1.0 - mean_decay(gamma, total_steps))
+
+def pld_theta_bar_for(fraction, gamma, num_blocks, total_steps):
+    """The `θ̄` at which PLD's compute fraction over `total_steps` is `fraction`."""
+    c = (num_blocks + 1) / (2 * num_blocks)
+    # The share of the steps' keep probability that `θ̄` decides: 0 when
+    # `θ(t)` stays at 1 over the steps (gamma 0, or too small to move it).
+    decided = c * (1.0 - mean_decay(gamma, total_steps))
+    if decided > 0.0:
+        theta_bar = 1.0 - (1.0 - fraction) / decided
+        # The ends of the range, as `pld_compute_fraction` gives them, may
+        # come back just outside [0, 1]: `1 - fraction` is known to an ulp
+        # of 1, which the division by `decided` magnifies.
+        tolerance = 1e-12 + 1e-15 / decided
+        if -tolerance < theta_bar < 0.0 or 1.0 < theta_bar < 1.0 + tolerance:
+            theta_bar = min(1.0, max(0.0, theta_bar))
+    else:
+        theta_bar = 1.0 if fraction >= 1.0 else -1.0
+    if not 0.0 <= theta_bar <= 1.0:
+        lowest = pld_compute_fraction(0.0, gamma, num_blocks, total_steps)
+        raise ValueError(
+            f"Progressive layer dropping cannot reach a compute fraction of "
+            f"{fraction:g} on {num_blocks} blocks over {total_steps} steps with "
+            f"gamma={gamma:g}: it ranges from {lowest:.3f} (theta_bar=0) to 1. "
+            "Use a larger fraction, or a larger gamma or more steps."
+        )
+    return theta_bar
+
+def mean_decay(gamma, total_steps):
+    """The mean of `e^(-γ t)` over `t = 0 .. total_steps - 1`.
+
+    `expm1` keeps a tiny `γ` (1e-20) from dividing zero by zero.
+    """
+    if gamma == 0 or total_steps <= 1:
+        return 1.0
+    return math.expm1(-gamma * total_steps) / (total_steps * math.expm1(-gamma))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +181,7 @@ class ProgressiveLayerDrop(PathStrategy):
         num_blocks = schedules.check_num_blocks(num_blocks)
         total_steps = schedules.check_steps(total_steps, "total_steps")
         return cls(
-            theta_bar=schedules.pld_theta_bar_for(
+            theta_bar=pld_theta_bar_for(
                 fraction, gamma, num_blocks, total_steps
             ),
             gamma=gamma,
@@ -136,12 +191,12 @@ class ProgressiveLayerDrop(PathStrategy):
     def theta_at(self, step):
         """The global keep probability `θ(t)` at optimizer step `step`."""
         step = schedules.check_step(step)
-        return schedules.pld_theta(step, self.theta_bar, self.gamma)
+        return pld_theta(step, self.theta_bar, self.gamma)
 
     def keep_probabilities_at(self, step, num_blocks):
         """Each block's keep probability at optimizer step `step`."""
         num_blocks = schedules.check_num_blocks(num_blocks)
-        return schedules.depth_keep_probabilities(self.theta_at(step), num_blocks)
+        return depth_keep_probabilities(self.theta_at(step), num_blocks)
 
     def path_length_at(self, step, num_blocks):
         """The expected number of blocks on the path at `step`."""
@@ -149,7 +204,7 @@ class ProgressiveLayerDrop(PathStrategy):
 
     def compute_fraction(self, num_blocks, total_steps):
         """Expected block compute over `total_steps` steps, relative to full."""
-        return schedules.pld_compute_fraction(
+        return pld_compute_fraction(
             self.theta_bar,
             self.gamma,
             schedules.check_num_blocks(num_blocks),

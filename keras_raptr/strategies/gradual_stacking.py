@@ -39,8 +39,8 @@ import numpy as np
 from keras import ops
 
 from keras_raptr import schedules
-from keras_raptr.callbacks.path_strategy import PathStrategy
-from keras_raptr.callbacks.path_strategy import StagedPlan
+from keras_raptr.strategies.path_strategy import PathStrategy
+from keras_raptr.strategies.path_strategy import StagedPlan
 from keras_raptr.engine.blocks import optimizer_slots
 from keras_raptr.engine.steps import step_counter
 
