@@ -41,6 +41,22 @@ def test_logs_at_stage_boundaries(steps_per_epoch):
     assert "path_length" in model.history.history
 
 
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_the_progress_bar_shows_the_stage_and_path_length_as_they_read(verbose, capsys):
+    model = make_model()
+    schedule = keras_raptr.StageSchedule.from_spec("2-4", total_steps=8)
+    x, y = regression_data()
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[schedule], verbose=verbose)
+    out = capsys.readouterr().out
+    # Keras prints other values as `0.0000e+00` and `2.0000`.
+    assert "path_length: 2 - stage: 0" in out
+    assert "path_length: 4 - stage: 1" in out
+    assert "e+00" not in out and "stage: 0.0" not in out
+    # To everything but the progress bar's two formats, plain floats.
+    assert model.history.history["stage"] == [0.0, 1.0]
+    assert f"{model.history.history['path_length'][1]:.1f}" == "4.0"
+
+
 def test_after_the_last_stage_the_full_network_trains():
     model = make_model()
     schedule = keras_raptr.StageSchedule(

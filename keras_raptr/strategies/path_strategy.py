@@ -102,6 +102,36 @@ class StagedPlan(Plan):
         return {"stage": stage, "path_length": ops.take(tables["lengths"], stage)}
 
 
+# The log entries that say where the schedule is: the progress bar shows them
+# as they are (`stage: 0`, `path_length: 6`, `width: 0.5`).
+_SCHEDULE_LOGS = ("stage", "path_length", "width")
+
+
+class _Shown(float):
+    """A log value the progress bar prints as it reads, not as a loss.
+
+    Keras' progress bar prints every value with `.4f`, or `.4e` below 1e-3,
+    so that stage 0 reads `0.0000e+00`. This float prints those two formats
+    with `.4g` (`0`, `6`, `0.5`, PLD's mean path length `8.533`), and is a
+    plain float to everything else (`History`, `CSVLogger`, TensorBoard).
+    """
+
+    def __truediv__(self, other):
+        # The progress bar divides a value by its count (1) before printing.
+        return _Shown(float(self) / other)
+
+    def __format__(self, spec):
+        if spec in (".4f", ".4e"):
+            return format(float(self), ".4g")
+        return super().__format__(spec)
+
+
+def _show_schedule_logs(logs):
+    for key in _SCHEDULE_LOGS:
+        if logs is not None and isinstance(logs.get(key), float):
+            logs[key] = _Shown(logs[key])
+
+
 class PathStrategy(keras.callbacks.Callback):
     """The base of every path strategy: subclass it to write your own.
 
@@ -185,6 +215,23 @@ class PathStrategy(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._update(self._call_at(batch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Runs before the progress bar, which Keras adds after the callbacks
+        # passed to `fit`.
+        _show_schedule_logs(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        _show_schedule_logs(logs)
+
+    @property
+    def async_safe(self):
+        # `on_train_batch_end` only rewrites log values, so Keras may call it
+        # off the training thread (unless a subclass overrides it).
+        return (
+            type(self).on_train_batch_end is PathStrategy.on_train_batch_end
+            and type(self).on_batch_end is keras.callbacks.Callback.on_batch_end
+        )
 
     def _call_at(self, batch):
         """The optimizer's count of train steps at `batch` of this epoch.
