@@ -46,7 +46,10 @@ Writes `benchmarks/results/quality_<backend>[_quick][_TAG].json`, a Markdown
 table `quality[_quick][_TAG].md`, and the plots `quality[...].png` (held-out
 loss against steps, FLOPs and, unless left out, wall-clock; and the paired difference),
 `quality_ablations[...].png` (the RaPTr variants, constant and cosine) and
-`quality_transitions[...].png`. Each run's own files (the example's
+`quality_transitions[...].png`, and, when wall-clock is compared,
+`quality_headline[...].png` (held-out loss against wall-clock, baseline and
+RaPTr: the README's figure). `--replot JSON` draws the figures again from a
+results JSON, running nothing. Each run's own files (the example's
 `summary.json`, `loss_curve.csv`, ...) go under `--runs-dir` (default
 `runs/quality`, or `runs/quality_quick`); a run already there with the same
 options is reused, so an interrupted benchmark resumes, and a table can be
@@ -640,6 +643,50 @@ def plots(results, stem, suffix, wall_clock=True):
     plt.close(figure)
 
 
+def headline(results, table, path):
+    """The README's figure: held-out loss against wall-clock, baseline and RaPTr.
+
+    The mean over seeds of each method's curve, RaPTr's stage starts dotted,
+    and in the title the speed-up and the loss difference at RaPTr's
+    wall-clock, as the table gives them. Nothing without both methods.
+    """
+    if {"baseline", "raptr"} - {r["name"] for r in results}:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(7, 4.2))
+    for name, label in (("baseline", "full training (baseline)"), ("raptr", "RaPTr 6-8-10-12")):
+        _mean_curve(ax, results, name, "wall_clock_seconds")
+        ax.lines[-1].set_label(label)
+    raptr = [r for r in results if r["name"] == "raptr"]
+    seconds = np.mean([[row["wall_clock_seconds"] for row in r["curve"]] for r in raptr], axis=0)
+    steps = [row["step"] for row in raptr[0]["curve"]]
+    for boundary in raptr[0]["boundaries"]:
+        at = float(np.interp(boundary, steps, seconds))
+        ax.axvline(at, color=ax.lines[-1].get_color(), linestyle=":", linewidth=1)
+    row = table.get("raptr", {})
+    speedup = (row.get("speedup_vs_baseline") or {}).get("mean")
+    diff = (row.get("diff_at_same_wall_clock") or {}).get("mean")
+    seeds = len(raptr)
+    if speedup is not None and diff is not None:
+        ax.set_title(
+            f"{speedup:.2f}x faster end to end; at RaPTr's last second, "
+            f"{-diff:.3f} lower held-out loss\n(mean of {seeds} seed{'s' * (seeds > 1)}; "
+            "dotted: RaPTr's stage starts)",
+            fontsize=10,
+        )
+    ax.set_xlabel("wall-clock seconds (compiles, evaluations and checkpoints included)")
+    ax.set_ylabel("held-out loss")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def _device():
     """The accelerator the runs used (JAX's name for it), or "cpu"."""
     import keras
@@ -674,6 +721,8 @@ def parse_args(argv=None):
                         "the machine with other work, or ran on different machines")
     parser.add_argument("--tag", default="",
                         help="appended to the result file names, e.g. the accelerator's name")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="draw the figures again from a results JSON, running nothing")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     mode = MODES["quick" if args.quick else "full"]
@@ -710,6 +759,8 @@ def main(argv=None):
 
     options = {"steps": args.steps, "eval_every": args.eval_every,
                "example_args": args.example_args}
+    if args.replot:
+        return replot(args.replot, args.results_dir, args.tag)
     if args.run_one:
         name, seed = args.run_one.rsplit(":", 1)
         run_one(load_example(), name, int(seed), options, args.runs_dir)
@@ -739,7 +790,23 @@ def main(argv=None):
     with open(f"{stem}{suffix}.md", "w") as f:
         f.write(text)
     plots(results, stem, suffix, wall_clock=meta["wall_clock"])
+    if meta["wall_clock"]:
+        headline(results, table, f"{stem}_headline{suffix}.png")
     print(text)
+    return 0
+
+
+def replot(path, results_dir, tag):
+    """Draws a results JSON's figures again (`--replot`), running nothing."""
+    with open(path) as f:
+        data = json.load(f)
+    os.makedirs(results_dir, exist_ok=True)
+    meta = data["meta"]
+    suffix = f"_{tag}" if tag else ""
+    stem = os.path.join(results_dir, "quality")
+    plots(data["runs"], stem, suffix, wall_clock=meta["wall_clock"])
+    if meta["wall_clock"]:
+        print(headline(data["runs"], data["methods"], f"{stem}_headline{suffix}.png"))
     return 0
 
 

@@ -133,8 +133,16 @@ def test_outputs_and_reuse_of_finished_runs(quality, quality_run, capsys):
     text = (root / "results" / "quality.md").read_text()
     for name in ("baseline", "raptr", "stacking", "raptr-long-last"):
         assert f"| {name} |" in text
-    for stem in ("quality", "quality_ablations", "quality_transitions"):
+    for stem in ("quality", "quality_ablations", "quality_transitions", "quality_headline"):
         assert (root / "results" / f"{stem}.png").stat().st_size > 0
+    # The figures again from the JSON alone, running nothing.
+    replotted = root / "replotted"
+    json_path = str(root / "results" / f"quality_{backend}.json")
+    assert quality.main(["--replot", json_path, "--results-dir", str(replotted)]) == 0
+    assert sorted(p.name for p in replotted.iterdir()) == [
+        "quality.png", "quality_ablations.png", "quality_headline.png",
+        "quality_transitions.png",
+    ]
     capsys.readouterr()
     assert quality.main(argv) == 0
     assert capsys.readouterr().out.count("reusing") == 8
