@@ -174,7 +174,9 @@ class RandomSkip(keras.layers.Layer):
                     # otherwise be found only at a later step that runs it.
                     self._check_skipped(args, kwargs)
                     return args[0]
-                return self._skipped(args, kwargs)
+                # No conditional: the dtype only if already known (tracing
+                # the block here to learn it would cost a trace per block).
+                return self._skipped(args, kwargs, trace=False)
             return _residual(self, args[0], block_call(*args, **kwargs), scale)
         if keras.backend.backend() == "jax":
             return conditional.jax_gated(
@@ -187,7 +189,7 @@ class RandomSkip(keras.layers.Layer):
             self._skipped(args, kwargs),
         )
 
-    def _skipped(self, args, kwargs):
+    def _skipped(self, args, kwargs, trace=True):
         """The output of the block off the path: its input, in its output's dtype.
 
         A block may return another floating dtype than it receives (under a
@@ -198,11 +200,16 @@ class RandomSkip(keras.layers.Layer):
         eagerly, the input is returned as it is: no conditional needs the
         sides to agree, the next layer casts its inputs itself, and the
         symbolic output dtype there can differ from the eager one.)
+        `trace=False` casts only to a dtype already seen, without working it
+        out symbolically.
         """
         x = args[0]
         if not hasattr(x, "dtype"):
             return x
-        dtype = self._skipped_dtype(args, kwargs)
+        if trace:
+            dtype = self._skipped_dtype(args, kwargs)
+        else:
+            dtype = self._output_dtypes.get(_signature(x), _signature(x)[1])
         if dtype == keras.backend.standardize_dtype(x.dtype):
             return x
         return ops.cast(x, dtype)
@@ -319,8 +326,8 @@ def _check_output(skip, x, y):
     if x_dtype != y_dtype and not (_is_float(x_dtype) and _is_float(y_dtype)):
         # A floating dtype change (a block under a mixed precision policy
         # computes in float16 what its float32 input holds) is still a
-        # residual block: Keras casts a skipped block's input to the output's
-        # dtype, as `_skipped` does.
+        # residual block: off the path, `RandomSkip._skipped` returns the
+        # input cast to the output's dtype.
         raise ValueError(
             f"`RandomSkip` needs the block '{skip.block.name}' to return its "
             f"input's dtype (or another floating dtype for a floating input), "
@@ -339,6 +346,8 @@ def _is_float(dtype):
 def _residual(skip, x, y, scale):
     """The block's output, with its residual update scaled if asked."""
     _check_output(skip, x, y)
+    # What a skipped block returns for this input, now known for free.
+    skip._output_dtypes.setdefault(_signature(x), keras.backend.standardize_dtype(y.dtype))
     if scale is None:
         return y
     return ops.add(x, ops.multiply(ops.subtract(y, x), ops.cast(scale, y.dtype)))
