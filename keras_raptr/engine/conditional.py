@@ -119,17 +119,17 @@ def jax_gated(skip, block_call, on, scale, args, kwargs, residual):
 
 
 
-    # A block may return another floating dtype than its input's (mixed
-    # precision): off the path it returns its input in that dtype. (Keras'
-    # `compute_output_spec` cannot read the variables inside the step.)
-    skipped_dtype = skip._skipped_dtype(
-        args,
-        kwargs,
-        lambda: jax.eval_shape(run, weights, state_values, floats, others, scale_value)[0],
-    )
-
     def skip_block(weights, state_values, floats, others, scale_value):
-        return floats[0].astype(skipped_dtype), list(state_values)
+        # A block may return another floating dtype than its input's (mixed
+        # precision): off the path it returns its input in that dtype, known
+        # once `run` is traced (else traced for its shape alone: Keras'
+        # `compute_output_spec` cannot read the variables inside the step).
+        dtype = skip._skipped_dtype(
+            args,
+            kwargs,
+            lambda: jax.eval_shape(run, weights, state_values, floats, others, scale_value)[0],
+        )
+        return floats[0].astype(dtype), list(state_values)
 
     def forward(on, weights, state_values, floats, others, scale_value):
         return jax.lax.cond(
