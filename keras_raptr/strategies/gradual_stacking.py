@@ -256,10 +256,6 @@ class GradualStacking(PathStrategy):
             "off_path_update": self.off_path_update,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
     def __repr__(self):
         depths = "-".join(f"{s.path_length:g}" for s in self.stages)
         return (

@@ -190,6 +190,11 @@ class PathStrategy(keras.callbacks.Callback):
         self._epoch_start_call = 0
         self._plan = None
 
+    @classmethod
+    def from_config(cls, config):
+        """The strategy from its `get_config()` (its constructor's arguments)."""
+        return cls(**config)
+
     def resolve(self, num_blocks):
         """This strategy as a `Plan` for `num_blocks` blocks.
 

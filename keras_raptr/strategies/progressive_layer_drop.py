@@ -226,10 +226,6 @@ class ProgressiveLayerDrop(PathStrategy):
             "off_path_update": self.off_path_update,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
     def __repr__(self):
         return (
             f"ProgressiveLayerDrop(theta_bar={self.theta_bar:g}, gamma={self.gamma:g}, "

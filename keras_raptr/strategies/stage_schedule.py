@@ -382,10 +382,6 @@ class StageSchedule(PathStrategy):
             "off_path_update": self.off_path_update,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
     def __repr__(self):
         lengths = "-".join(
             f"{s.path_length:g}" + (f"@{s.width:g}" if s.width != 1.0 else "")

@@ -179,10 +179,6 @@ class StochasticDepth(PathStrategy):
             "off_path_update": self.off_path_update,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
     def __repr__(self):
         return (
             f"StochasticDepth(keep_prob={self.keep_prob:g}, "
