@@ -64,3 +64,9 @@ def test_keras_hub_private_names_the_task_wrapper_uses():
     ]
     assert pipeline_model._is_tf_dataset(np.zeros(2)) is False
     assert pipeline_model._is_grain_dataset(np.zeros(2)) is False
+
+
+def test_keras_private_name_the_example_uses(tmp_path):
+    pytest.importorskip("tensorboard")
+    callback = keras.callbacks.TensorBoard(log_dir=str(tmp_path), update_freq="batch")
+    assert callback._global_train_batch == 0
