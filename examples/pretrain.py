@@ -177,7 +177,6 @@ def run(args, output_dir, callbacks=(), save_options=False):
         return _train(args, output_dir, callbacks, devices, save_options)
 
 
-
 def _train(args, output_dir, callbacks, devices, save_options=False):
     import keras
 

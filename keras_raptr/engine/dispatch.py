@@ -18,7 +18,6 @@ broke an assumption only the trace can show) is given up for this model,
 with a warning, and the execution runs the conditional step instead.
 """
 
-import itertools
 import time
 
 import keras

@@ -34,7 +34,6 @@ from keras import ops
 from keras_raptr.engine import blocks
 from keras_raptr.engine import conditional
 from keras_raptr.engine import path
-from keras_raptr.engine.optimizer_gate import zero_off_path_gradients
 from keras_raptr.engine.xp import KERAS
 from keras_raptr.engine.xp import NUMPY
 
