@@ -67,7 +67,9 @@ Each line is printed with `--verbose 0` too. The run writes under
 - `loss.png`: held-out loss against training FLOPs and against wall-clock,
   with a dashed line, labelled with its path length, where each stage began;
 - `tensorboard/`: TensorBoard logs (not with `--no-tensorboard`), written by
-  Keras' `TensorBoard` callback at every optimizer step: in `train/`, the
+  Keras' `TensorBoard` callback every `--tensorboard-every` optimizer steps
+  (10; 1 for every step, at a cost of milliseconds a step; the held-out
+  losses are all written): in `train/`, the
   loss (`batch_loss`), stage (`batch_stage`), path length
   (`batch_path_length`, and `batch_width` for width-wise stages), learning
   rate (`batch_learning_rate`) and cumulative training FLOPs
@@ -274,7 +276,10 @@ def _train(args, output_dir, callbacks, devices, save_options=False):
     ]
     if getattr(args, "tensorboard", True):
         # After the counter: its `train_flops` is in the logs it writes.
-        logs = tensorboard_callback(log_directory(output_dir), counter, learning_rate(args))
+        logs = tensorboard_callback(
+            log_directory(output_dir), counter, learning_rate(args),
+            every=getattr(args, "tensorboard_every", 10),
+        )
         if logs is not None:
             callbacks.insert(callbacks.index(counter) + 1, logs)
     if strategy is not None:

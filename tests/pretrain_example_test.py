@@ -23,6 +23,8 @@ TINY = [
     "--eval-windows", "16", "--vocabulary-size", "300", "--verbose", "0",
     # In memory only: nothing written to the working directory's runs/.
     "--corpus-cache", "none",
+    # TensorBoard's train scalars at every step (the default is every 10th).
+    "--tensorboard-every", "1",
 ]
 
 
@@ -394,8 +396,15 @@ def test_peer_methods_run(example, text_glob, tmp_path, method):
 
 def test_compare_runs_the_baseline_and_the_method(example, text_glob, tmp_path, capsys):
     out = str(tmp_path / "compare")
-    argv = ["--dataset", text_glob, "--output-dir", out, "--method", "stacking", "--compare", *TINY]
+    argv = ["--dataset", text_glob, "--output-dir", out, "--method", "stacking", "--compare", *TINY,
+            "--tensorboard-every", "4"]
     assert example.main(argv) == 0
+    # Every 4th step's train scalars; the held-out loss at each evaluation.
+    logs = os.path.join(out, "stacking", "tensorboard")
+    assert [step for step, _ in read_events(os.path.join(logs, "train"))["batch_stage"]] == [4]
+    assert [step for step, _ in read_events(os.path.join(logs, "train"))["batch_learning_rate"]] == [4]
+    held_out = read_events(os.path.join(logs, "validation"))["evaluation_loss_vs_iterations"]
+    assert [step for step, _ in held_out] == [3, 6]
     for method, fraction in (("baseline", 1.0), ("stacking", (2 + 3 + 4) / 12)):
         with open(os.path.join(out, method, "summary.json")) as f:
             assert json.load(f)["compute_fraction"] == pytest.approx(fraction)

@@ -103,9 +103,15 @@ def parse_args(argv=None):
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                         help="write TensorBoard logs under the run's folder, in tensorboard/ "
                              "(needs TensorFlow's tf.summary)")
+    parser.add_argument("--tensorboard-every", type=int, default=10, metavar="N",
+                        help="write the train step's TensorBoard scalars every N optimizer "
+                             "steps (1: every step; each write costs milliseconds, a large "
+                             "share of a short RaPTr step); every held-out loss is written")
     parser.add_argument("--verbose", type=int, default=1)
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tensorboard_every < 1:
+        parser.error(f"--tensorboard-every {args.tensorboard_every}: give at least 1")
     if args.method not in METHODS:
         parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     for name in ("steps", "batch_size", "seq_len", "num_layers", "hidden_dim", "num_heads",
