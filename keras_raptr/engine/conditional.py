@@ -117,8 +117,6 @@ def jax_gated(skip, block_call, on, scale, args, kwargs, residual):
         y = residual(call_args[0], y, None if scale is None else scale_value)
         return y, new_state
 
-
-
     def skip_block(weights, state_values, floats, others, scale_value):
         # A block may return another floating dtype than its input's (mixed
         # precision): off the path it returns its input in that dtype, known

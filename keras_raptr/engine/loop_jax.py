@@ -67,6 +67,24 @@ class LoopUnsupported(Exception):
         return text[start + 4 : end] if 0 <= start < end else text
 
 
+def check_carried(skip, h, y):
+    """Checks block 0's output `y` for `h` as the loop carries it, block to block.
+
+    A residual block (`random_skip`'s check); and of `h`'s dtype, since the
+    loop carries one dtype (a block that changes it, as mixed precision
+    allows, takes the conditional step).
+    """
+    from keras_raptr.layers.random_skip import _check_output
+
+    _check_output(skip, h, y)
+    h_dtype = keras.backend.standardize_dtype(h.dtype)
+    y_dtype = keras.backend.standardize_dtype(y.dtype)
+    if y_dtype != h_dtype:
+        raise LoopUnsupported(
+            f"block 0 ('{skip.block.name}') returns {y_dtype} for a {h_dtype} input"
+        )
+
+
 class Head:
     """The gate of the chain's first block: it runs the whole path."""
 
@@ -328,16 +346,9 @@ class JaxLoop(_Chain):
                 new_state = scopes.values_of(scope, loop.block_state)
             if scope.losses:
                 raise LoopUnsupported(f"block 0 ('{skip.block.name}') adds losses in its call")
-            from keras_raptr.layers.random_skip import _check_output
-
             if isinstance(y, (tuple, list, dict)):
                 raise LoopUnsupported(f"block 0 ('{skip.block.name}') returns a structure")
-            _check_output(skip, h, y)
-            if y.dtype != h.dtype:
-                # The loop carries one dtype from block to block.
-                raise LoopUnsupported(
-                    f"block 0 ('{skip.block.name}') returns {y.dtype} for a {h.dtype} input"
-                )
+            check_carried(skip, h, y)
             if scale is not None:
                 y = h + (y - h) * scale.astype(y.dtype)
             return y, new_state

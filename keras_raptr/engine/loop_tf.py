@@ -50,6 +50,7 @@ from keras_raptr.engine.loop_jax import LoopUnsupported
 from keras_raptr.engine.loop_jax import _no_global_clipnorm
 from keras_raptr.engine.loop_jax import _Chain
 from keras_raptr.engine.loop_jax import _Step
+from keras_raptr.engine.loop_jax import check_carried
 from keras_raptr.engine.loop_jax import positions
 from keras_raptr.engine.stacked import NON_TRAINABLE
 from keras_raptr.engine.stacked import OPTIMIZER
@@ -241,8 +242,6 @@ class TfLoop(_Chain):
 
         current = self.current
         self.check_first(skip, args)
-        from keras_raptr.layers.random_skip import _check_output
-
         x = args[0]
         rest_args = args[1:]
         loop = self
@@ -273,13 +272,7 @@ class TfLoop(_Chain):
                 raise LoopUnsupported(f"block 0 ('{skip.block.name}') adds losses in its call")
             if isinstance(y, (tuple, list, dict)):
                 raise LoopUnsupported(f"block 0 ('{skip.block.name}') returns a structure")
-            _check_output(skip, h, y)
-            if y.dtype != h.dtype:
-                # The loop carries one dtype from block to block.
-                raise LoopUnsupported(
-                    f"block 0 ('{skip.block.name}') returns {y.dtype.name} for a "
-                    f"{h.dtype.name} input"
-                )
+            check_carried(skip, h, y)
             if current.scale is not None:
                 y = h + (y - h) * tf.cast(tf.gather(current.scale, r), y.dtype)
             new_rows = state_rows.join(new_state)

@@ -206,13 +206,12 @@ class RandomSkip(keras.layers.Layer):
         x = args[0]
         if not hasattr(x, "dtype"):
             return x
+        signature = _signature(x)
         if trace:
             dtype = self._skipped_dtype(args, kwargs)
         else:
-            dtype = self._output_dtypes.get(_signature(x), _signature(x)[1])
-        if dtype == keras.backend.standardize_dtype(x.dtype):
-            return x
-        return ops.cast(x, dtype)
+            dtype = self._output_dtypes.get(signature, signature[1])
+        return x if dtype == signature[1] else ops.cast(x, dtype)
 
     def _skipped_dtype(self, args, kwargs, output_spec=None):
         """The dtype of the block's output for these inputs.
@@ -323,7 +322,8 @@ def _check_output(skip, x, y):
         )
     x_dtype = keras.backend.standardize_dtype(x.dtype)
     y_dtype = keras.backend.standardize_dtype(y.dtype)
-    if x_dtype != y_dtype and not (_is_float(x_dtype) and _is_float(y_dtype)):
+    floats = keras.backend.is_float_dtype(x_dtype) and keras.backend.is_float_dtype(y_dtype)
+    if x_dtype != y_dtype and not floats:
         # A floating dtype change (a block under a mixed precision policy
         # computes in float16 what its float32 input holds) is still a
         # residual block: off the path, `RandomSkip._skipped` returns the
@@ -337,10 +337,6 @@ def _check_output(skip, x, y):
         )
     if checked is not None and hasattr(x, "shape"):
         checked.add(_signature(x))
-
-
-def _is_float(dtype):
-    return "float" in dtype
 
 
 def _residual(skip, x, y, scale):
