@@ -20,17 +20,17 @@ Public API:
 """
 
 from keras_raptr import layers
+from keras_raptr.flops import TrainFlops
+from keras_raptr.flops import estimate_train_flops
+from keras_raptr.flops import train_flops_per_step
+from keras_raptr.models.random_part_model import RandomPartModel
+from keras_raptr.schedules import Stage
 from keras_raptr.strategies.gradual_stacking import GradualStacking
 from keras_raptr.strategies.path_strategy import PathStrategy
 from keras_raptr.strategies.path_strategy import Plan
 from keras_raptr.strategies.progressive_layer_drop import ProgressiveLayerDrop
 from keras_raptr.strategies.stage_schedule import StageSchedule
 from keras_raptr.strategies.stochastic_depth import StochasticDepth
-from keras_raptr.flops import TrainFlops
-from keras_raptr.flops import estimate_train_flops
-from keras_raptr.flops import train_flops_per_step
-from keras_raptr.models.random_part_model import RandomPartModel
-from keras_raptr.schedules import Stage
 from keras_raptr.version import __version__
 
 __all__ = [

@@ -33,13 +33,13 @@ import numbers
 import keras
 
 from keras_raptr import schedules
+from keras_raptr.models.random_part_model import RandomPartModel
+from keras_raptr.strategies import progressive_layer_drop
 from keras_raptr.strategies.gradual_stacking import GradualStacking
 from keras_raptr.strategies.path_strategy import PathStrategy
-from keras_raptr.strategies import progressive_layer_drop
 from keras_raptr.strategies.progressive_layer_drop import ProgressiveLayerDrop
 from keras_raptr.strategies.stage_schedule import StageSchedule
 from keras_raptr.strategies.stochastic_depth import StochasticDepth
-from keras_raptr.models.random_part_model import RandomPartModel
 
 
 def train_flops_per_step(model, batch_size, sequence_length=None):

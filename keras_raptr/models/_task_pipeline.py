@@ -41,13 +41,11 @@ class TaskPipeline:
 
     def plain(self, x):
         """Whether `x` goes to Keras as it is: no preprocessor, not a dataset."""
-        return self.preprocessor is None and not (
-            pipeline_model._is_tf_dataset(x) or pipeline_model._is_grain_dataset(x)
-        )
+        return self.preprocessor is None and not _is_dataset(x)
 
     def preprocessed(self, x, y=None, sample_weight=None, batch_size=None):
         """`(x, y, sample_weight)` as one preprocessed, batched dataset."""
-        if pipeline_model._is_tf_dataset(x) or pipeline_model._is_grain_dataset(x):
+        if _is_dataset(x):
             return pipeline_model._apply_preprocessing(x, self.task.preprocess_samples)
         return pipeline_model._build_dataset(
             x, y, sample_weight, batch_size, self.task.preprocess_samples
@@ -99,3 +97,7 @@ class TaskPipeline:
         self.task.compile(*args, **kwargs)
         return dict(self.task._compile_config.config)
 
+
+def _is_dataset(x):
+    """Whether `x` is a `tf.data` or `grain` dataset (preprocessed per sample)."""
+    return pipeline_model._is_tf_dataset(x) or pipeline_model._is_grain_dataset(x)

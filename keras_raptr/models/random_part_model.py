@@ -6,12 +6,12 @@ import random
 import keras
 import numpy as np
 
-from keras_raptr.strategies.path_strategy import PathStrategy
 from keras_raptr.engine.steps import Steps
 from keras_raptr.layers.random_skip import RandomSkip
 from keras_raptr.layers.random_skip import check_functional_shapes
 from keras_raptr.layers.random_skip import wrapper_of
 from keras_raptr.models import _presets
+from keras_raptr.strategies.path_strategy import PathStrategy
 
 
 @keras.saving.register_keras_serializable(package="keras_raptr")

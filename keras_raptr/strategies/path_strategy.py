@@ -127,8 +127,10 @@ class _Shown(float):
 
 
 def _show_schedule_logs(logs):
+    if logs is None:
+        return
     for key in _SCHEDULE_LOGS:
-        if logs is not None and isinstance(logs.get(key), float):
+        if isinstance(logs.get(key), float):
             logs[key] = _Shown(logs[key])
 
 
