@@ -7,6 +7,8 @@ import csv
 import math
 import os
 
+import numpy as np
+
 from pretrain_lib.checkpoints import replacing
 
 
@@ -52,7 +54,6 @@ class StageStarts(Curve):
     def truncate(self, step):
         """Forgets the stages from `step` on: a resumed run records them again."""
         self.rows = [row for row in self.rows if row["step"] < step]
-
 
 
 def plot(curves, path, stage_starts=None):
@@ -189,13 +190,8 @@ def interpolate(rows, seconds):
         return None, (
             f"the baseline's first held-out loss is at {times[0]:.1f}s, after {seconds:.1f}s"
         )
-    for before, after in zip(rows, rows[1:] + rows[-1:]):
-        t0, t1 = before["wall_clock_seconds"], after["wall_clock_seconds"]
-        if t0 <= seconds <= t1:
-            share = (seconds - t0) / (t1 - t0) if t1 > t0 else 0.0
-            loss = before["eval_loss"] + share * (after["eval_loss"] - before["eval_loss"])
-            return loss, f"the baseline's curve interpolated at {seconds:.1f}s"
-    return None, f"the baseline's curve does not reach {seconds:.1f}s"
+    loss = float(np.interp(seconds, times, [r["eval_loss"] for r in rows]))
+    return loss, f"the baseline's curve interpolated at {seconds:.1f}s"
 
 
 def comparison_line(result):
