@@ -662,8 +662,13 @@ def headline(results, table, path):
         _mean_curve(ax, results, name, "wall_clock_seconds")
         ax.lines[-1].set_label(label)
     raptr = [r for r in results if r["name"] == "raptr"]
-    seconds = np.mean([[row["wall_clock_seconds"] for row in r["curve"]] for r in raptr], axis=0)
-    steps = [row["step"] for row in raptr[0]["curve"]]
+    # RaPTr's mean seconds by step, over the steps every seed reached (as
+    # `_mean_curve` averages them).
+    length = min(len(r["curve"]) for r in raptr)
+    seconds = np.mean(
+        [[row["wall_clock_seconds"] for row in r["curve"][:length]] for r in raptr], axis=0
+    )
+    steps = [row["step"] for row in raptr[0]["curve"][:length]]
     for boundary in raptr[0]["boundaries"]:
         at = float(np.interp(boundary, steps, seconds))
         ax.axvline(at, color=ax.lines[-1].get_color(), linestyle=":", linewidth=1)
