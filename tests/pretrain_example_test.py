@@ -581,6 +581,7 @@ def test_empty_or_missing_corpus(example, tmp_path, capsys):
         (["--steps", "-5"], "--steps must be at least 1, got -5"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--eval-every", "-1"], "--eval-every must be at least 1, got -1"),
+        (["--tensorboard-every", "0"], "--tensorboard-every must be at least 1, got 0"),
         (["--steps", str(10**12)], f"--steps must be at most {2**31 - 1}"),
         # Allowed by the step counter, but its batches would not fit in memory.
         (["--steps", str(2**31 - 1)], "the example makes every batch before training"),

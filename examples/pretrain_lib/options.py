@@ -110,12 +110,10 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", type=int, default=1)
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.tensorboard_every < 1:
-        parser.error(f"--tensorboard-every {args.tensorboard_every}: give at least 1")
     if args.method not in METHODS:
         parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     for name in ("steps", "batch_size", "seq_len", "num_layers", "hidden_dim", "num_heads",
-                 "eval_every", "eval_windows"):
+                 "eval_every", "eval_windows", "tensorboard_every"):
         if getattr(args, name) < 1:
             parser.error(
                 f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
